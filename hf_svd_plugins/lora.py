@@ -132,6 +132,11 @@ def is_zero3_param(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's logical shape, also when ZeRO-3 has partitioned it (its local ``.shape`` is then a shard)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
 @contextlib.contextmanager
 def gathered_parameters(params: Sequence[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
     """Full values of ``params`` inside the block, whatever the sharding.

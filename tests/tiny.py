@@ -18,9 +18,31 @@ TARGETS = {
 }
 
 
-def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(kind: str, seed: int = 0, spectral_decay: float | None = None) -> torch.nn.Module:
     """A randomly initialised model of a few thousand parameters: ``llama``, ``gpt2`` (causal LM) or ``bert``
-    (sequence classification, 2 labels)."""
+    (sequence classification, 2 labels).
+
+    With ``spectral_decay`` (e.g. 0.7), every 2-D weight is re-drawn with singular values ``decay**i`` (times its
+    original norm scale), so activations have a clearly decaying spectrum like trained models (random init is nearly
+    isotropic, which makes individual principal directions ill-defined).
+    """
+    model = _tiny_model(kind, seed)
+    if spectral_decay is not None:
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() != 2:
+                    continue
+                k = min(p.shape)
+                u, _ = torch.linalg.qr(torch.randn(p.shape[0], k, generator=gen))
+                v, _ = torch.linalg.qr(torch.randn(p.shape[1], k, generator=gen))
+                s = spectral_decay ** torch.arange(k, dtype=torch.float32)
+                w = u @ torch.diag(s) @ v.T
+                p.copy_(w * (p.norm() / w.norm()))
+    return model
+
+
+def _tiny_model(kind: str, seed: int) -> torch.nn.Module:
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -53,14 +75,15 @@ def tiny_model(kind: str, seed: int = 0) -> torch.nn.Module:
     raise ValueError(f"unknown tiny model kind {kind!r}; use llama, gpt2 or bert")
 
 
-def tiny_lora_model(kind: str, r: int = 4, lora_alpha: int = 8, seed: int = 0, **lora_kwargs) -> torch.nn.Module:
+def tiny_lora_model(kind: str, r: int = 4, lora_alpha: int = 8, seed: int = 0, spectral_decay: float | None = None,
+                    **lora_kwargs) -> torch.nn.Module:
     """``tiny_model(kind)`` wrapped in a PEFT LoRA adapter on all of :data:`TARGETS` for that architecture."""
-    model = tiny_model(kind, seed=seed)
+    model = tiny_model(kind, seed=seed, spectral_decay=spectral_decay)
     task_type = "SEQ_CLS" if kind == "bert" else "CAUSAL_LM"
     config = LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
-        target_modules=TARGETS[kind],
+        target_modules=lora_kwargs.pop("target_modules", TARGETS[kind]),
         lora_dropout=0.0,
         task_type=task_type,
         fan_in_fan_out=(kind == "gpt2"),

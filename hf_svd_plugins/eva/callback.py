@@ -1,0 +1,144 @@
+"""``EvaCallback``: EVA initialisation inside any Trainer (plain, TRL ``SFTTrainer``, ``DPTrainer``)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from hf_svd_plugins.eva.config import EvaConfig
+from hf_svd_plugins.eva.model import (
+    EvaResult,
+    SavedRankLayout,
+    apply_masked,
+    compute_eva,
+    eva_pairs,
+    grow_to_max_rank,
+    update_saved_layout,
+    zero_unused_ranks,
+)
+from hf_svd_plugins.lora import full_shape, get_peft_model
+from hf_svd_plugins.trainer_utils import log_to_trainer
+
+logger = logging.getLogger(__name__)
+
+
+class EvaCallback(TrainerCallback, ExportableState):
+    """Initialise LoRA with EVA on the Trainer's own first minibatches, before the first optimizer step.
+
+    Pass it to the constructor, ``Trainer(..., callbacks=[EvaCallback()])``: with ``rho > 1`` it widens every LoRA
+    layer to ``r_max = round(rho * r)`` ranks at the end of ``Trainer.__init__`` (before the optimizer, DDP or
+    DeepSpeed see the parameters). At ``on_train_begin`` it reads minibatches from the train dataloader, computes
+    EVA, writes ``A`` (orthonormal rows; ranks beyond a module's ``r_m`` are zero) and zeroes ``B`` on every rank.
+    Zero ranks receive exactly zero gradient, so they stay zero under SGD/Adam/AdamW. Saved adapters are truncated to
+    ``r_m`` with ``rank_pattern``/``alpha_pattern``: ``PeftModel.from_pretrained`` loads them as usual.
+
+    The ranks and a done flag are saved with every checkpoint (``TrainerState.stateful_callbacks``); resuming never
+    recomputes EVA.
+
+    Args:
+        config: an :class:`EvaConfig`; or give its fields as keyword arguments (``EvaCallback(rho=2.0, tau=0.99)``).
+    """
+
+    def __init__(self, config: EvaConfig | None = None, **kwargs):
+        if config is not None and kwargs:
+            raise ValueError("pass either config=EvaConfig(...) or keyword arguments, not both")
+        self.config = config if config is not None else EvaConfig(**kwargs)
+        self.done = False
+        self.ranks: dict[str, int] | None = None
+        self.scalings: dict[str, float] | None = None
+        self.alphas: dict[str, float] | None = None
+        self.result: EvaResult | None = None
+        self._layout: SavedRankLayout | None = None
+        self._prepared_model_id: int | None = None
+
+    # -------------------------------------------------------------------------------- Trainer events
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self._prepare(model, allow_growth=True)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        if model is None:
+            raise ValueError("EvaCallback needs the Trainer's model; is it attached to a transformers.Trainer?")
+        self._prepare(model, allow_growth=False)
+        pairs = eva_pairs(model, self.config)
+        if not self.done:
+            self._restore_from_checkpoint_state(state)
+        if self.done:
+            # Resumed: the checkpoint holds trained weights; only re-impose the mask and the save layout.
+            zero_unused_ranks(pairs, self.ranks, self.scalings, optimizer=optimizer)
+            self._set_layout(model, pairs)
+            return
+        if state.global_step > 0:
+            warnings.warn(
+                f"resuming at step {state.global_step} from a checkpoint without EVA state; EVA is not recomputed "
+                "over trained weights (the checkpoint's LoRA weights are kept)",
+                stacklevel=2,
+            )
+            self.done = True
+            return
+        if train_dataloader is None:
+            raise ValueError("EvaCallback found no train dataloader; Trainer.train() provides one")
+        result = compute_eva(model, train_dataloader, self.config, pairs)
+        apply_masked(pairs, result, optimizer=optimizer)
+        self.result, self.ranks, self.scalings, self.alphas = result, result.ranks, result.scalings, result.alphas
+        self.done = True
+        self._set_layout(model, pairs)
+        logger.info("EVA: %d batches, %.1f s, ranks %s", result.batches_used, result.seconds, result.ranks)
+        log_to_trainer(result.log_metrics())
+
+    # -------------------------------------------------------------------------------- checkpoint state
+
+    def state(self) -> dict:
+        return {
+            "args": self.config.to_dict(),
+            "attributes": {"done": self.done, "ranks": self.ranks, "scalings": self.scalings, "alphas": self.alphas},
+        }
+
+    def _restore_from_checkpoint_state(self, state) -> None:
+        # Read from TrainerState directly: Trainer only re-creates callbacks from it when
+        # `restore_callback_states_from_checkpoint=True`, but EVA must never be recomputed on resume.
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        if isinstance(saved, list):
+            saved = saved[0] if saved else None
+        attributes = (saved or {}).get("attributes", {})
+        if state.global_step > 0 and attributes.get("done"):
+            self.done = True
+            self.ranks = {k: int(v) for k, v in attributes["ranks"].items()}
+            self.scalings = {k: float(v) for k, v in attributes["scalings"].items()}
+            self.alphas = {k: float(v) for k, v in attributes["alphas"].items()}
+
+    # -------------------------------------------------------------------------------- helpers
+
+    def _prepare(self, model, allow_growth: bool) -> None:
+        """Validate, widen to ``r_max`` (only before the optimizer exists) and install the save/load layout hooks."""
+        peft_model = get_peft_model(model)
+        if self._prepared_model_id == id(peft_model):
+            return
+        pairs = eva_pairs(peft_model, self.config)
+        existing = getattr(peft_model, "_hf_svd_eva_layout", None)
+        if existing is not None:  # e.g. a callback re-created by restore_callback_states_from_checkpoint
+            self._layout = existing
+        else:
+            if allow_growth:
+                widths = grow_to_max_rank(peft_model, pairs, self.config)
+                pairs = eva_pairs(peft_model, self.config)
+            else:
+                widths = {p.name: full_shape(p.A)[0] for p in pairs}
+                needed = {p.name: min(self.config.max_components(p.r), p.in_features) for p in pairs}
+                if self.config.rho > 1 and any(widths[n] < needed[n] for n in widths):
+                    raise ValueError(
+                        f"EvaCallback(rho={self.config.rho}) must widen LoRA layers before the optimizer is built: "
+                        "pass it to the Trainer constructor (`Trainer(..., callbacks=[EvaCallback(...)])`) instead "
+                        "of `trainer.add_callback`, or call `eva_init(model, dataloader)` before creating the Trainer"
+                    )
+            self._layout = SavedRankLayout(pairs, widths)
+            peft_model._hf_svd_eva_layout = self._layout
+        self._prepared_model_id = id(peft_model)
+
+    def _set_layout(self, model, pairs) -> None:
+        self._layout.ranks = dict(self.ranks)
+        update_saved_layout(model, pairs, self.ranks, self.alphas)
