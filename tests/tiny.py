@@ -145,3 +145,22 @@ def tiny_batches(n_batches: int = 4, batch_size: int = 8, kind: str = "lm", seed
     """A list of collated batches (a valid ``dataloader`` for ``eva_init``)."""
     ds = TinyTokenDataset(n=n_batches * batch_size, kind=kind, seed=seed)
     return [pad_collate([ds[i] for i in range(b * batch_size, (b + 1) * batch_size)]) for b in range(n_batches)]
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over the tiny vocabulary (``w2 ... w96``, pad 0, eos 1), for TRL trainers."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def tiny_text_dataset(n: int = 40, length: int = 10):
+    """A ``datasets.Dataset`` with a ``text`` column of tiny-vocabulary sentences (for TRL's SFTTrainer)."""
+    from datasets import Dataset
+
+    texts = [" ".join(f"w{(s + i) % (VOCAB - 2) + 2}" for i in range(length)) for s in range(n)]
+    return Dataset.from_dict({"text": texts})

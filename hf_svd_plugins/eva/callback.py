@@ -13,6 +13,7 @@ from hf_svd_plugins.eva.model import (
     EvaResult,
     SavedRankLayout,
     apply_masked,
+    base_rank_and_alpha,
     compute_eva,
     eva_pairs,
     grow_to_max_rank,
@@ -120,21 +121,21 @@ class EvaCallback(TrainerCallback, ExportableState):
             return
         pairs = eva_pairs(peft_model, self.config)
         existing = getattr(peft_model, "_hf_svd_eva_layout", None)
+        if existing is None and allow_growth:
+            widths = grow_to_max_rank(peft_model, pairs, self.config)
+            pairs = eva_pairs(peft_model, self.config)
+        widths = {p.name: full_shape(p.A)[0] for p in pairs}
+        needed = {p.name: min(self.config.max_components(base_rank_and_alpha(peft_model, p)[0]), p.in_features)
+                  for p in pairs}
+        if any(widths[n] < needed[n] for n in widths):
+            raise ValueError(
+                f"EvaCallback(rho={self.config.rho}) must widen LoRA layers before the optimizer is built: "
+                "pass it to the Trainer constructor (`Trainer(..., callbacks=[EvaCallback(...)])`) instead "
+                "of `trainer.add_callback`, or call `eva_init(model, dataloader)` before creating the Trainer"
+            )
         if existing is not None:  # e.g. a callback re-created by restore_callback_states_from_checkpoint
             self._layout = existing
         else:
-            if allow_growth:
-                widths = grow_to_max_rank(peft_model, pairs, self.config)
-                pairs = eva_pairs(peft_model, self.config)
-            else:
-                widths = {p.name: full_shape(p.A)[0] for p in pairs}
-                needed = {p.name: min(self.config.max_components(p.r), p.in_features) for p in pairs}
-                if self.config.rho > 1 and any(widths[n] < needed[n] for n in widths):
-                    raise ValueError(
-                        f"EvaCallback(rho={self.config.rho}) must widen LoRA layers before the optimizer is built: "
-                        "pass it to the Trainer constructor (`Trainer(..., callbacks=[EvaCallback(...)])`) instead "
-                        "of `trainer.add_callback`, or call `eva_init(model, dataloader)` before creating the Trainer"
-                    )
             self._layout = SavedRankLayout(pairs, widths)
             peft_model._hf_svd_eva_layout = self._layout
         self._prepared_model_id = id(peft_model)
