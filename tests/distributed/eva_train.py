@@ -1,0 +1,58 @@
+"""Run by tests/test_eva_distributed.py under `accelerate launch` (2 processes): EVA in a real Trainer.
+
+Each rank records the batches EVA read and, after training, writes its full LoRA weights (gathered under ZeRO-3)
+and EVA's ranks to OUT/rank{r}.pt, so the test can compare ranks and replay EVA in one process.
+"""
+
+import os
+import sys
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings("ignore")
+torch.set_num_threads(1)
+
+from tiny import TinyTokenDataset, pad_collate, tiny_lora_model  # noqa: E402
+from transformers import Trainer, TrainingArguments  # noqa: E402
+
+from hf_svd_plugins import EvaCallback  # noqa: E402
+from hf_svd_plugins.lora import find_lora_pairs, rank, read_lora_weights  # noqa: E402
+
+
+class RecordingEvaCallback(EvaCallback):
+    """Keeps a copy of every batch EVA reads on this rank."""
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.seen = []
+        outer = self
+
+        class Recorder:
+            def __iter__(self):
+                for batch in train_dataloader:
+                    outer.seen.append({k: v.clone().cpu() for k, v in batch.items()})
+                    yield batch
+
+        result = super().on_train_begin(args, state, control, train_dataloader=Recorder(), **kwargs)
+        self.initial = read_lora_weights(find_lora_pairs(kwargs["model"]))
+        return result
+
+
+def main(out: str, n_eva_batches: int) -> None:
+    model = tiny_lora_model("llama", r=4, spectral_decay=0.7)
+    callback = RecordingEvaCallback(rho=2.0, tau=1.0, min_batches=n_eva_batches, max_batches=n_eva_batches,
+                                    show_progress_bar=False)
+    args = TrainingArguments(out, per_device_train_batch_size=4, max_steps=6, learning_rate=5e-3, report_to=[],
+                             use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=TinyTokenDataset(n=64), data_collator=pad_collate,
+                      callbacks=[callback])
+    trainer.train()
+    weights = read_lora_weights(find_lora_pairs(trainer.model))
+    torch.save({"weights": weights, "ranks": callback.ranks, "seen": callback.seen, "initial": callback.initial,
+                "steps": trainer.state.global_step,
+                "world": int(os.environ.get("WORLD_SIZE", "1"))}, os.path.join(out, f"rank{rank()}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
