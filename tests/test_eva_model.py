@@ -121,6 +121,20 @@ def test_rho_1_leading_directions_match_peft_eva(kind):
         assert principal_cosines(result.matrices[name][:2].numpy(), u[:2].double().numpy()).min() >= 0.98, name
 
 
+def assert_peft_round_trip(model, directory, batch):
+    """Perturb the trainable weights (so the adapter is not a no-op), save, reload with PEFT's own loader onto a
+    fresh base model, and require the same logits. Returns the reloaded model."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    loaded = PeftModel.from_pretrained(tiny_model("llama", spectral_decay=0.5), directory).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model.eval()(**batch).logits)
+    return loaded
+
+
 def test_eva_init_resizes_and_saves_a_standard_adapter(tmp_path):
     batches = tiny_batches(8, kind="lm")
     model = tiny_lora_model("llama", r=4, spectral_decay=0.5)
@@ -132,15 +146,7 @@ def test_eva_init_resizes_and_saves_a_standard_adapter(tmp_path):
             a = module.lora_A["default"].weight.double()
             assert torch.allclose(a @ a.T, torch.eye(a.shape[0], dtype=a.dtype), atol=1e-5)
             assert torch.count_nonzero(module.lora_B["default"].weight) == 0
-    # train B a little so the adapter is not a no-op, then round-trip through PEFT's own loader
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(tiny_model("llama", spectral_decay=0.5), tmp_path).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**batches[0]).logits, model.eval()(**batches[0]).logits)
+    assert_peft_round_trip(model, tmp_path, batches[0])
 
 
 def test_rank_zero_modules_lose_their_adapter_and_still_load(tmp_path):
@@ -162,15 +168,8 @@ def test_rank_zero_modules_lose_their_adapter_and_still_load(tmp_path):
         batches_used=result.batches_used, converged=result.converged, seconds=result.seconds)
     apply_resized(model, pairs, result)
     assert not hasattr(model.get_submodule("base_model.model." + starved), "lora_A")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(tiny_model("llama", spectral_decay=0.5), tmp_path).eval()
+    loaded = assert_peft_round_trip(model, tmp_path, batches[0])
     assert not hasattr(loaded.get_submodule("base_model.model." + starved), "lora_A")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**batches[0]).logits, model.eval()(**batches[0]).logits)
 
 
 @pytest.mark.parametrize(
