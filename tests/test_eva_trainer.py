@@ -138,3 +138,40 @@ def test_trl_sft_trainer(tmp_path):
     assert callback.done and sum(callback.ranks.values()) == 4 * len(callback.ranks)
     for pair in find_lora_pairs(model):
         assert torch.count_nonzero(pair.A[callback.ranks[pair.name]:]) == 0
+
+
+class NoisySGD(torch.optim.SGD):
+    """Adds Gaussian noise to every gradient, like DP-SGD does, so unused ranks would drift without the callback."""
+
+    def step(self, closure=None):
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.add_(torch.randn_like(p.grad))
+        return super().step(closure)
+
+
+def test_masks_hold_when_the_trainer_perturbs_every_gradient(tmp_path):
+    model = tiny_lora_model("llama", r=4, spectral_decay=DECAY)
+    callback = EvaCallback(rho=2.0, max_batches=4, show_progress_bar=False)
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=8, max_steps=4, report_to=[], use_cpu=True,
+                             disable_tqdm=True, save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=TinyTokenDataset(n=32), data_collator=pad_collate,
+                      callbacks=[callback], optimizer_cls_and_kwargs=(NoisySGD, {"lr": 0.01}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    for pair in find_lora_pairs(model):
+        r_m = callback.ranks[pair.name]
+        assert torch.count_nonzero(pair.A[r_m:]) == 0 and torch.count_nonzero(pair.B[:, r_m:]) == 0
+        assert torch.count_nonzero(pair.B[:, :r_m]) > 0, "the optimizer must hold the widened parameters"
+
+
+def test_prebuilt_optimizer_with_rho_above_one_is_refused(tmp_path):
+    model = tiny_lora_model("llama", r=4)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    args = TrainingArguments(str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
+        Trainer(model=model, args=args, train_dataset=TinyTokenDataset(n=8), data_collator=pad_collate,
+                callbacks=[EvaCallback(rho=2.0)], optimizers=(optimizer, None))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 
+import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
@@ -20,7 +21,7 @@ from hf_svd_plugins.eva.model import (
     update_saved_layout,
     zero_unused_ranks,
 )
-from hf_svd_plugins.lora import full_shape, get_peft_model
+from hf_svd_plugins.lora import find_lora_pairs, full_shape, get_peft_model, is_zero3_param
 from hf_svd_plugins.trainer_utils import log_to_trainer
 
 logger = logging.getLogger(__name__)
@@ -57,9 +58,17 @@ class EvaCallback(TrainerCallback, ExportableState):
 
     # -------------------------------------------------------------------------------- Trainer events
 
-    def on_init_end(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            self._prepare(model, allow_growth=True)
+    def on_init_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None:
+            return
+        if optimizer is not None and self.config.rho > 1:
+            raise ValueError(
+                f"EvaCallback(rho={self.config.rho}) widens LoRA layers at the end of Trainer.__init__, but an "
+                "optimizer was passed through `optimizers=` and would keep the old parameters; pass "
+                "`optimizer_cls_and_kwargs=(cls, kwargs)` instead, use rho=1, or call `eva_init` before building "
+                "the optimizer"
+            )
+        self._prepare(model, allow_growth=True)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         if model is None:
@@ -90,6 +99,20 @@ class EvaCallback(TrainerCallback, ExportableState):
         self._set_layout(model, pairs)
         logger.info("EVA: %d batches, %.1f s, ranks %s", result.batches_used, result.seconds, result.ranks)
         log_to_trainer(result.log_metrics())
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # Unused ranks get exactly zero gradient, so plain optimizers never move them. A trainer that adds
+        # something to every gradient (DP-SGD noise) would; re-zeroing after the step is post-processing, so it
+        # costs no privacy. ZeRO-3 shards are skipped: checking them would need a gather every step.
+        if not self.done or model is None or not self.ranks:
+            return
+        with torch.no_grad():
+            for pair in find_lora_pairs(model, self.config.adapter_name):
+                r_m = self.ranks.get(pair.name)
+                if r_m is None or is_zero3_param(pair.A):
+                    continue
+                pair.A[r_m:].zero_()
+                pair.B[:, r_m:].zero_()
 
     # -------------------------------------------------------------------------------- checkpoint state
 
