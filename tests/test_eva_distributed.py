@@ -57,6 +57,14 @@ def test_eva_in_a_real_two_process_run(mode, tmp_path):
     for name, (a0, _) in r0["initial"].items():
         assert torch.equal(a0, r1["initial"][name][0])
 
+    # the saved adapter is a standard PEFT adapter that reproduces the trained model
+    from peft import PeftModel
+    from tiny import tiny_model
+
+    loaded = PeftModel.from_pretrained(tiny_model("llama", spectral_decay=0.7), str(tmp_path / "final")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**r0["batch"]).logits, r0["logits"], rtol=1e-4, atol=1e-4)
+
     # replay in one process on the union of both ranks' batches: same statistics, so the same EVA
     seen = r0["seen"] + r1["seen"]
     assert len(r0["seen"]) == len(r1["seen"]) == N_EVA_BATCHES

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import torch
@@ -164,5 +165,13 @@ class EvaCallback(TrainerCallback, ExportableState):
         self._prepared_model_id = id(peft_model)
 
     def _set_layout(self, model, pairs) -> None:
+        if any(is_zero3_param(p.A) for p in pairs):
+            # ZeRO-3 consolidates weights for saving without state-dict hooks, so adapters cannot be truncated on
+            # the fly: save them at full width r_max (unused ranks are zero) with alphas that keep each scale.
+            use_rslora = bool(getattr(get_peft_model(model).peft_config[pairs[0].adapter], "use_rslora", False))
+            widths = dict(self._layout.widths)
+            alphas = {n: self.scalings[n] * (math.sqrt(w) if use_rslora else w) for n, w in widths.items()}
+            update_saved_layout(model, pairs, widths, alphas)
+            return
         self._layout.ranks = dict(self.ranks)
         update_saved_layout(model, pairs, self.ranks, self.alphas)

@@ -49,8 +49,15 @@ def main(out: str, n_eva_batches: int) -> None:
                       callbacks=[callback])
     trainer.train()
     weights = read_lora_weights(find_lora_pairs(trainer.model))
+    trainer.save_model(os.path.join(out, "final"))
+    from tiny import tiny_batches
+
+    batch = tiny_batches(1, seed=9)[0]
+    model.eval()
+    with torch.no_grad():
+        logits = model(**batch).logits  # every rank runs the forward (ZeRO-3 gathers collectively)
     torch.save({"weights": weights, "ranks": callback.ranks, "seen": callback.seen, "initial": callback.initial,
-                "steps": trainer.state.global_step,
+                "steps": trainer.state.global_step, "logits": logits, "batch": batch,
                 "world": int(os.environ.get("WORLD_SIZE", "1"))}, os.path.join(out, f"rank{rank()}.pt"))
 
 
