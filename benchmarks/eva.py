@@ -103,6 +103,9 @@ def measure_init(model_name: str, r: int, batch_size: int, repeats: int) -> list
             p.start()
             runs.append(q.get())
             p.join()
+            last = runs[-1]
+            print(f"  {model_name} {method}: {last['seconds']:.2f} s, +{last['peak_mb']:.0f} MB, "
+                  f"{last['batches']} batches", flush=True)
     return runs
 
 

@@ -33,7 +33,7 @@ def test_principal_components_match_numpy_svd(d, center):
     x = decaying_data(2000, d, decay=0.8 if d < 100 else 0.9)
     stats = ActivationStats.zeros(d)
     for chunk in np.array_split(x, 7):  # streaming in uneven blocks changes nothing
-        stats.add_(ActivationStats.of(torch.from_numpy(chunk)))
+        stats.add_(ActivationStats.of(torch.from_numpy(chunk), torch.float64))
     k = 6
     comps = principal_components(stats, k, center=center, tol=1e-13)
     vt, s, ratio = numpy_pca(x, k, center)

@@ -55,12 +55,13 @@ def principal_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("center", [True, False])
 def test_directions_equal_float64_numpy_pca_of_the_same_activations(kind, center):
+    """With product_dtype=float64 EVA is a float64 PCA of everything read; the float32 default is checked below."""
     n_batches = 5
     batches = tiny_batches(n_batches, batch_size=8, kind=data_kind(kind), seed=2)
     model = tiny_lora_model(kind, r=4, spectral_decay=0.7)
     # tau=1 never declares convergence and min_batches=max_batches reads exactly these batches once.
     config = EvaConfig(rho=2.0, tau=1.0, min_batches=n_batches, max_batches=n_batches, center=center,
-                       show_progress_bar=False)
+                       product_dtype="float64", show_progress_bar=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = compute_eva(model, batches, config)
@@ -82,6 +83,21 @@ def test_directions_equal_float64_numpy_pca_of_the_same_activations(kind, center
         tied = np.isclose(v, threshold, rtol=1e-9)
         assert (v > threshold).sum() - tied.sum() <= result.ranks[name] <= (v >= threshold).sum() + tied.sum()
     assert sum(result.ranks.values()) == budget
+
+
+def test_float32_products_agree_with_float64():
+    batches = tiny_batches(4, batch_size=8, seed=3)
+    results = {}
+    for dtype in ("float32", "float64"):
+        config = EvaConfig(rho=2.0, tau=1.0, min_batches=4, max_batches=4, product_dtype=dtype,
+                           show_progress_bar=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results[dtype] = compute_eva(tiny_lora_model("llama", r=4, spectral_decay=0.7), batches, config)
+    assert results["float32"].ranks == results["float64"].ranks
+    for name, a in results["float64"].matrices.items():
+        cos = (a * results["float32"].matrices[name]).sum(1).abs()
+        assert cos.min() > 1 - 1e-6, name
 
 
 def run_peft_eva(kind: str, batches, rho: float, decay: float) -> dict[str, torch.Tensor]:

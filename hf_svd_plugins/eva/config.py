@@ -23,6 +23,9 @@ class EvaConfig:
         label_mask_value: the ignore index in ``labels``.
         center: estimate principal components of centred activations (incremental PCA, as PEFT's EVA does). False uses
             the uncentred SVD of the stacked inputs.
+        product_dtype: dtype of the ``n x d^2`` activation products, EVA's main cost: ``"float32"`` (default, about
+            twice as fast; rows are centred first, so precision is relative to the activations' spread) or
+            ``"float64"`` (a float64 PCA of everything read, bit for bit). Running sums are float64 either way.
         adapter_name: the LoRA adapter to initialise (default: the active one).
         show_progress_bar: a tqdm bar on the main process.
     """
@@ -36,6 +39,7 @@ class EvaConfig:
     use_label_mask: bool = True
     label_mask_value: int = -100
     center: bool = True
+    product_dtype: str = "float32"
     adapter_name: str | None = None
     show_progress_bar: bool = True
 
@@ -48,6 +52,8 @@ class EvaConfig:
             raise ValueError(f"max_batches must be a positive int, got {self.max_batches!r}")
         if not isinstance(self.min_batches, int) or self.min_batches < 2:
             raise ValueError(f"min_batches must be an int >= 2 (convergence compares two batches), got {self.min_batches!r}")
+        if self.product_dtype not in ("float32", "float64"):
+            raise ValueError(f"product_dtype must be 'float32' or 'float64', got {self.product_dtype!r}")
         if self.min_batches > self.max_batches:
             raise ValueError(f"min_batches={self.min_batches} exceeds max_batches={self.max_batches}; raise max_batches")
 

@@ -42,11 +42,26 @@ class ActivationStats:
         )
 
     @classmethod
-    def of(cls, x: torch.Tensor) -> ActivationStats:
-        """Statistics of one block of rows ``x (n, d)``."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        return cls(count=torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device),
-                   total=x.sum(0), gram=x.T @ x)
+    def of(cls, x: torch.Tensor, product_dtype: torch.dtype = torch.float64) -> ActivationStats:
+        """Statistics of one block of rows ``x (n, d)``; sums are float64.
+
+        The ``n d^2`` product ``X^T X`` dominates EVA's cost. It is formed as ``X_c^T X_c + n m m^T`` with ``X_c`` the
+        rows centred by their float64 mean ``m``, so computing it in ``product_dtype=float32`` (twice as fast) loses
+        precision only relative to the activations' spread, never to their offset.
+        """
+        x = x.detach().reshape(-1, x.shape[-1])
+        n = x.shape[0]
+        total = x.sum(0, dtype=torch.float64)
+        if n == 0:
+            return cls(torch.zeros((), dtype=torch.float64, device=x.device), total,
+                       torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device))
+        mean = total / n
+        centred = x.to(product_dtype) - mean.to(product_dtype)
+        # X^T X = C^T C + m s^T + s m^T - n m m^T for C = X - 1 m^T, with s the exact float64 column sums of C
+        s = total - n * mean if product_dtype == torch.float64 else centred.sum(0, dtype=torch.float64)
+        m = mean.to(product_dtype).to(torch.float64)
+        gram = (centred.T @ centred).to(torch.float64) + torch.outer(m, s) + torch.outer(s, m) + n * torch.outer(m, m)
+        return cls(count=torch.tensor(float(n), dtype=torch.float64, device=x.device), total=total, gram=gram)
 
     def add_(self, other: ActivationStats) -> ActivationStats:
         self.count += other.count.to(self.count.device)

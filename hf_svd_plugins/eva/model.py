@@ -185,8 +185,9 @@ def _broadcast_flag(flag: bool) -> bool:
 class _InputCollector:
     """Forward hooks on LoRA layers that accumulate one batch of input statistics per stream."""
 
-    def __init__(self, pairs: list[LoraPair]):
+    def __init__(self, pairs: list[LoraPair], product_dtype: torch.dtype = torch.float32):
         self.pairs = pairs
+        self.product_dtype = product_dtype
         self.mask: torch.Tensor | None = None
         self.stream_of: dict[str, str] | None = None  # None while fingerprinting the first batch
         self.active: set[str] = set()
@@ -214,12 +215,12 @@ class _InputCollector:
                 gen = torch.Generator().manual_seed(1234)
                 self._probe = torch.randn(rows.shape[1], _FINGERPRINT_PROBES, generator=gen, dtype=torch.float64)
             self.fingerprints[name] = rows.to(torch.float64) @ self._probe[: rows.shape[1]].to(rows.device)
-            self.batch_stats[name] = ActivationStats.of(rows)
+            self.batch_stats[name] = ActivationStats.of(rows, self.product_dtype)
             return
         stream = self.stream_of[name]
         if stream != name or stream not in self.active:
             return
-        self.batch_stats[name] = ActivationStats.of(rows)
+        self.batch_stats[name] = ActivationStats.of(rows, self.product_dtype)
 
 
 def compute_eva(
@@ -245,7 +246,7 @@ def compute_eva(
     stats: dict[str, ActivationStats] = {}
     components: dict[str, Components] = {}
     similarity: dict[str, torch.Tensor] = {}
-    collector = _InputCollector(pairs)
+    collector = _InputCollector(pairs, getattr(torch, config.product_dtype))
     ranks = dict(r_max)
     converged_streams: set[str] = set()
     batches_used = 0
@@ -286,7 +287,7 @@ def compute_eva(
                         previous = components.get(stream)
                         # Between batches a few warm-started iterations track the estimate (it only has to stop
                         # moving, as judged by tau); the final pass below solves to full precision.
-                        current = principal_components(stats[stream], k, config.center, tol=1e-6, max_iters=8,
+                        current = principal_components(stats[stream], k, config.center, tol=1e-6, max_iters=3,
                                                        init=None if previous is None else previous.vectors)
                         if previous is not None:
                             similarity[stream] = component_similarity(previous.vectors, current.vectors)
