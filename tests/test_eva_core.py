@@ -7,10 +7,10 @@ import torch
 from hf_svd_plugins.eva.core import (
     ActivationStats,
     allocate_ranks,
-    component_similarity,
     eva_matrix,
     group_identical_streams,
     principal_components,
+    subspace_similarity,
 )
 
 
@@ -61,10 +61,19 @@ def test_allocate_ranks_gives_zero_to_modules_without_variance():
     assert ranks == {"a": 3, "b": 0}
 
 
-def test_component_similarity_is_sign_invariant():
-    v = torch.linalg.qr(torch.randn(10, 3, dtype=torch.float64))[0].T
-    flipped = v * torch.tensor([[-1.0], [1.0], [-1.0]], dtype=torch.float64)
-    assert torch.allclose(component_similarity(v, flipped), torch.ones(3, dtype=torch.float64))
+def test_subspace_similarity_matches_scipy_principal_angles():
+    from scipy.linalg import subspace_angles
+
+    rng = np.random.default_rng(4)
+    a = np.linalg.qr(rng.standard_normal((30, 6)))[0].T
+    b = np.linalg.qr(a[:4].T + 0.2 * rng.standard_normal((30, 4)))[0].T
+    b = np.vstack([b, np.linalg.qr(rng.standard_normal((30, 2)))[0].T])
+    for n in (1, 3, 4):
+        expected = np.cos(subspace_angles(a[:n].T, b[:n].T)).min()
+        assert subspace_similarity(torch.from_numpy(a), torch.from_numpy(b), n) == pytest.approx(expected, abs=1e-10)
+    rotated = torch.from_numpy(np.linalg.qr(rng.standard_normal((4, 4)))[0] @ a[:4])
+    assert subspace_similarity(torch.from_numpy(a), rotated, 4) == pytest.approx(1.0, abs=1e-12)
+    assert subspace_similarity(torch.from_numpy(a), rotated, 0) == 1.0
 
 
 def test_eva_matrix_zero_pads_and_whitens():

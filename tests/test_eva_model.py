@@ -114,14 +114,20 @@ def run_peft_eva(kind: str, batches, rho: float, decay: float) -> dict[str, torc
 
 
 def test_rank_allocation_and_subspaces_match_peft_eva(kind):
+    """Same batches, rho=2. The stopping rules differ (we stop when the span a module needs settles, PEFT when every
+    vector does), so the two read different numbers of batches; a component tied at the budget boundary may then go to
+    a neighbouring module. We allow at most one such swap, and compare the directions both kept."""
     decay, batches = 0.5, tiny_batches(16, batch_size=16, kind=data_kind(kind), seed=1)
     peft_state = run_peft_eva(kind, batches, rho=2.0, decay=decay)
     model = tiny_lora_model(kind, r=4, spectral_decay=decay, target_modules=PEFT_TARGETS[kind])
     result = compute_eva(model, batches, EvaConfig(rho=2.0, tau=0.99, show_progress_bar=False))
-    assert result.ranks == {k: v.shape[0] for k, v in peft_state.items()}
+    peft_ranks = {k: v.shape[0] for k, v in peft_state.items()}
+    assert result.ranks.keys() == peft_ranks.keys()
+    assert sum(abs(result.ranks[k] - peft_ranks[k]) for k in peft_ranks) <= 2, (result.ranks, peft_ranks)
     for name, u in peft_state.items():
-        if u.shape[0]:
-            assert principal_cosines(result.matrices[name].numpy(), u.double().numpy()).min() >= 0.99, name
+        n = min(u.shape[0], result.ranks[name])
+        if n:
+            assert principal_cosines(result.matrices[name][:n].numpy(), u[:n].double().numpy()).min() >= 0.99, name
 
 
 def test_rho_1_leading_directions_match_peft_eva(kind):

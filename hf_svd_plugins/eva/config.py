@@ -12,8 +12,8 @@ class EvaConfig:
     Args:
         rho: rank redistribution factor (>= 1). Each module estimates ``round(rho * r)`` components and may receive up
             to that many ranks; the total stays ``r * n_modules``. ``rho=1`` keeps every module at ``r``.
-        tau: cosine-similarity threshold in ``(0, 1]``; a module stops collecting activations once all components it
-            needs changed less than this between two batches.
+        tau: cosine threshold in ``(0, 1]``; a module stops collecting activations once the span of the components
+            it needs moved less than this between two batches (smallest principal-angle cosine).
         max_batches: hard cap on the number of minibatches EVA reads, converged or not (it never loops forever).
         min_batches: minimum number of minibatches before convergence is checked (at least 2: one to compare with).
         whiten: divide each A row by ``sqrt`` of its singular value (PEFT EVA's ``whiten``).

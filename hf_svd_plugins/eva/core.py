@@ -152,11 +152,18 @@ def principal_components(
     )
 
 
-def component_similarity(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-    """``(k,)`` absolute cosine between matching rows of two ``(k, d)`` direction sets (sign-invariant)."""
-    prev = previous / previous.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    cur = current / current.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    return (prev * cur).sum(1).abs()
+def subspace_similarity(previous: torch.Tensor, current: torch.Tensor, n: int) -> float:
+    """Smallest cosine of the principal angles between the spans of the first ``n`` rows of two orthonormal
+    ``(k, d)`` direction sets (1.0 for ``n = 0``).
+
+    EVA's convergence test: LoRA with ``B = 0`` trains the same whatever basis of the span ``A`` holds, so only the
+    span of the directions a module receives has to settle, not each vector (near-equal singular values let
+    individual vectors rotate inside a stable span for many batches).
+    """
+    if n == 0:
+        return 1.0
+    overlap = previous[:n].to(torch.float64) @ current[:n].to(torch.float64).T
+    return float(torch.linalg.svdvals(overlap).min().clamp(max=1.0))
 
 
 def allocate_ranks(explained_variance_ratios: Mapping[str, torch.Tensor], budget: int) -> dict[str, int]:

@@ -29,10 +29,10 @@ from hf_svd_plugins.eva.core import (
     ActivationStats,
     Components,
     allocate_ranks,
-    component_similarity,
     eva_matrix,
     group_identical_streams,
     principal_components,
+    subspace_similarity,
 )
 from hf_svd_plugins.lora import (
     LoraPair,
@@ -245,7 +245,7 @@ def compute_eva(
 
     stats: dict[str, ActivationStats] = {}
     components: dict[str, Components] = {}
-    similarity: dict[str, torch.Tensor] = {}
+    previous_vectors: dict[str, torch.Tensor] = {}
     collector = _InputCollector(pairs, getattr(torch, config.product_dtype))
     ranks = dict(r_max)
     converged_streams: set[str] = set()
@@ -290,12 +290,13 @@ def compute_eva(
                         current = principal_components(stats[stream], k, config.center, tol=1e-6, max_iters=3,
                                                        init=None if previous is None else previous.vectors)
                         if previous is not None:
-                            similarity[stream] = component_similarity(previous.vectors, current.vectors)
+                            previous_vectors[stream] = previous.vectors
                         components[stream] = current
                     ranks = _allocate(components, members, r_max, budget)
                     converged_streams = {
                         s for s in members
-                        if s in similarity and bool(torch.all(similarity[s][: _needed(s, members, ranks)] >= config.tau))
+                        if s in previous_vectors and subspace_similarity(
+                            previous_vectors[s], components[s].vectors, _needed(s, members, ranks)) >= config.tau
                     }
                     collector.active = set(members) - converged_streams
                     bar.update(1)
