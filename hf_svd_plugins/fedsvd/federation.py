@@ -1,0 +1,526 @@
+"""An in-process federation on one machine: N clients with private data shards, each trains LoRA with an HF Trainer.
+
+Every round the server samples a fraction of the clients; each sampled client starts from the global adapter, trains
+``local_steps`` optimizer steps (only ``B`` for ``fedsvd``/``ffa_lora``; ``A`` and ``B`` for ``fedavg_lora``) with a
+fresh optimizer, and sends its weights; the server aggregates them by example counts with
+:func:`hf_svd_plugins.fedsvd.core.aggregate_lora`. Other trainable parameters (e.g. a classification head saved by
+PEFT's ``modules_to_save``) are averaged the same way under every method.
+
+The server state (round, global ``A``/``B`` and extras, config, sampling RNG, metric history) is checkpointed every
+round to ``output_dir/server``; ``run`` resumes from it and reproduces an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+
+from hf_svd_plugins.fedsvd.core import (
+    aggregate_lora,
+    aggregate_weighted,
+    check_method,
+    is_finite_update,
+    partition_dirichlet,
+    partition_iid,
+    trains_a,
+)
+from hf_svd_plugins.lora import LoraPair, assign_lora_weights, find_lora_pairs, read_lora_weights
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Federation", "accuracy_metrics", "client_seed", "load_lora_state", "train_lora_client"]
+
+_RESERVED_ARGS = {"output_dir": "output_dir", "max_steps": "local_steps", "seed": "seed"}
+_STATE_JSON = "state.json"
+
+
+def _quiet(trainer: Trainer) -> None:
+    """No per-client console output (progress bars, metric prints); the federation logs one row per round."""
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+
+
+def accuracy_metrics(eval_pred: Any) -> dict[str, float]:
+    """``compute_metrics`` for classification: accuracy of ``argmax(logits, -1)`` against the labels."""
+    logits, labels = eval_pred.predictions, eval_pred.label_ids
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return {"accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(labels)).mean())}
+
+
+LoraUpdate = dict[str, tuple[torch.Tensor | None, torch.Tensor]]
+
+
+def client_seed(seed: int, cid: int, rnd: int) -> int:
+    """The Trainer seed of client ``cid`` in round ``rnd`` (0-based): ``seed + 1000 * rnd + cid``."""
+    return int(seed) + 1000 * int(rnd) + int(cid)
+
+
+def trainable_extra_names(model: nn.Module, pairs: Sequence[LoraPair]) -> list[str]:
+    """Names of trainable parameters that are not LoRA A/B (e.g. a classifier head in PEFT ``modules_to_save``)."""
+    lora_ids = {id(p) for pair in pairs for p in (pair.A, pair.B)}
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora_ids]
+
+
+def set_trainable_for_method(pairs: Sequence[LoraPair], method: str) -> None:
+    """``B`` trainable always; ``A`` only for ``fedavg_lora`` (FFA-LoRA otherwise)."""
+    for pair in pairs:
+        pair.A.requires_grad_(trains_a(method))
+        pair.B.requires_grad_(True)
+
+
+@torch.no_grad()
+def load_lora_state(
+    model: nn.Module,
+    pairs: Sequence[LoraPair],
+    weights: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]],
+    extra: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Write ``{module: (A (r, d_in), B (d_out, r))}`` and extra parameters ``{name: tensor}`` into ``model``."""
+    assign_lora_weights(pairs, dict(weights))
+    if extra:
+        params = dict(model.named_parameters())
+        for n, t in extra.items():
+            if n not in params:
+                raise ValueError(f"extra parameter {n!r} is not a parameter of the model; same model on every client?")
+            params[n].data.copy_(t.to(device=params[n].device, dtype=params[n].dtype))
+
+
+def client_training_args(
+    output_dir: str, local_steps: int, seed: int, training_args: Mapping[str, Any] | None = None
+) -> TrainingArguments:
+    """``TrainingArguments`` of one local training: quiet, no checkpoints, ``max_steps=local_steps``."""
+    kwargs: dict[str, Any] = {"report_to": [], "save_strategy": "no", "logging_strategy": "no", "disable_tqdm": True}
+    kwargs.update(training_args or {})
+    kwargs.update(output_dir=output_dir, max_steps=local_steps, seed=seed)
+    return TrainingArguments(**kwargs)
+
+
+def train_lora_client(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    *,
+    method: str,
+    global_weights: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    global_extra: Mapping[str, torch.Tensor] | None,
+    local_steps: int,
+    seed: int,
+    output_dir: str,
+    training_args: Mapping[str, Any] | None = None,
+    data_collator: Callable | None = None,
+    trainer_cls: type = Trainer,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+    pairs: Sequence[LoraPair] | None = None,
+    client_state: dict[str, Any] | None = None,
+) -> tuple[LoraUpdate, dict[str, torch.Tensor], float]:
+    """One client's local round: load the global adapter, train ``local_steps`` with a fresh optimizer, read back.
+
+    Shared by :class:`Federation` and the Flower ``ClientApp``.
+
+    ``client_state`` (a dict, updated in place) carries what a client keeps between rounds. With a DP trainer (one
+    with a ``PrivacyAccountant`` in ``trainer.accountant``, e.g. ``hf_svd_plugins.dp.DPTrainer``) it holds the
+    accountant's state: the history of earlier rounds is loaded before training, so the budget checks and the
+    reported ``epsilon`` compose over all rounds the client took part in (also rounds whose update was rejected).
+
+    Returns:
+        ``({module: (A or None, B)}, {extra param: tensor}, train loss)``; ``A`` is sent only for ``fedavg_lora``.
+    """
+    pairs = list(find_lora_pairs(model) if pairs is None else pairs)
+    set_trainable_for_method(pairs, method)
+    extra_names = trainable_extra_names(model, pairs)
+    load_lora_state(model, pairs, global_weights, global_extra)
+    trainer = trainer_cls(
+        model=model,
+        args=client_training_args(output_dir, local_steps, seed, training_args),
+        train_dataset=dataset,
+        data_collator=data_collator,
+        **dict(trainer_kwargs or {}),
+    )
+    _quiet(trainer)
+    accountant = getattr(trainer, "accountant", None)
+    if client_state is not None and accountant is not None and client_state.get("accountant"):
+        accountant.load_state_dict(client_state["accountant"])
+    steps_before = accountant.steps if accountant is not None else 0
+    try:
+        out = trainer.train()
+    finally:
+        if client_state is not None and accountant is not None:
+            client_state["accountant"] = accountant.state_dict()
+            if hasattr(trainer, "get_epsilon") and accountant.steps > 0:
+                client_state["epsilon"] = float(trainer.get_epsilon())
+    took_steps = accountant.steps > steps_before if accountant is not None else trainer.state.global_step > 0
+    if not took_steps:
+        raise RuntimeError(
+            "the client took no optimizer step (with a DP trainer: its privacy budget max_epsilon is spent)"
+        )
+    send_a = trains_a(method)
+    update = {
+        n: ((a.float().cpu() if send_a else None), b.float().cpu()) for n, (a, b) in read_lora_weights(pairs).items()
+    }
+    params = dict(model.named_parameters())
+    extra = {n: params[n].detach().float().cpu().clone() for n in extra_names}
+    return update, extra, float(out.training_loss)
+
+
+class Federation:
+    """Federated LoRA fine-tuning simulated in one process (FedSVD, FFA-LoRA, FedAvg-LoRA).
+
+    Args:
+        model: a PEFT LoRA model; one instance is reused by all clients (the global adapter is loaded before each).
+        train_dataset: the data to split into client shards (ignored if ``client_datasets`` is given).
+        num_clients: number of clients ``N``.
+        method: ``"fedsvd"``, ``"ffa_lora"`` or ``"fedavg_lora"``.
+        client_fraction: fraction of clients sampled per round (``round(fraction * N)`` of them, at least 1 needed).
+        local_steps: optimizer steps per client per round (``TrainingArguments.max_steps``).
+        partition: ``"iid"`` or ``"dirichlet"`` (non-IID by label, ``Dirichlet(alpha)``).
+        alpha: the Dirichlet concentration.
+        label_key: the example field holding the integer label (for ``"dirichlet"``).
+        client_datasets: explicit per-client data sets instead of a partition of ``train_dataset``.
+        eval_dataset: evaluated on the global model after every round (``eval_loss``, plus ``compute_metrics``).
+        data_collator: passed to every Trainer.
+        compute_metrics: passed to the evaluation Trainer (e.g. :func:`accuracy_metrics`).
+        training_args: extra ``TrainingArguments`` kwargs for the clients (batch size, learning rate, ``use_cpu``...).
+            ``output_dir``, ``max_steps`` and ``seed`` are set by the federation.
+        trainer_cls: the client Trainer class; called as ``trainer_cls(model=, args=, train_dataset=,
+            data_collator=, **trainer_kwargs)``. With ``hf_svd_plugins.dp.DPTrainer`` (``trainer_kwargs={"dp_config":
+            DPConfig(noise_multiplier=..., max_epsilon=...)}``) each client's accountant history is carried across
+            rounds and checkpoints (``client_states``), rows report ``epsilon_client<i>``/``epsilon_max``, and a
+            client with no budget left (no step taken) is skipped.
+        trainer_kwargs: extra kwargs for ``trainer_cls``.
+        output_dir: where the server checkpoint (``server/``), ``metrics.csv`` and client scratch dirs go.
+        seed: seeds the partition, the client sampling and every client Trainer (``seed + 1000 * round + client``).
+        adapter_name: the LoRA adapter (default: the active one).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataset: torch.utils.data.Dataset | None = None,
+        *,
+        num_clients: int = 2,
+        method: str = "fedsvd",
+        client_fraction: float = 1.0,
+        local_steps: int = 10,
+        partition: str = "iid",
+        alpha: float = 0.5,
+        label_key: str = "labels",
+        client_datasets: Sequence[torch.utils.data.Dataset] | None = None,
+        eval_dataset: torch.utils.data.Dataset | None = None,
+        data_collator: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        training_args: Mapping[str, Any] | None = None,
+        trainer_cls: type = Trainer,
+        trainer_kwargs: Mapping[str, Any] | None = None,
+        output_dir: str | os.PathLike = "fedsvd_federation",
+        seed: int = 0,
+        adapter_name: str | None = None,
+    ) -> None:
+        self.method = check_method(method)
+        if client_datasets is not None:
+            num_clients = len(client_datasets)
+        if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+            raise ValueError(f"num_clients must be an int >= 1 (got {num_clients!r}); a federation needs clients")
+        if not (isinstance(client_fraction, int | float) and 0 < client_fraction <= 1):
+            raise ValueError(f"client_fraction must be in (0, 1], got {client_fraction!r}")
+        self.clients_per_round = int(round(client_fraction * num_clients))
+        if self.clients_per_round < 1:
+            raise ValueError(
+                f"client_fraction={client_fraction} of num_clients={num_clients} samples zero clients per round; "
+                f"use client_fraction >= {1 / num_clients:.3g}"
+            )
+        if isinstance(local_steps, bool) or not isinstance(local_steps, int) or local_steps < 1:
+            raise ValueError(f"local_steps must be an int >= 1, got {local_steps!r}")
+        if partition not in ("iid", "dirichlet"):
+            raise ValueError(f"partition must be 'iid' or 'dirichlet', got {partition!r}")
+        training_args = dict(training_args or {})
+        for key, ours in _RESERVED_ARGS.items():
+            if key in training_args:
+                raise ValueError(f"training_args must not set {key!r}; pass Federation({ours}=...) instead")
+
+        self.model = model
+        self.num_clients = num_clients
+        self.client_fraction = float(client_fraction)
+        self.local_steps = local_steps
+        self.partition = partition
+        self.alpha = float(alpha)
+        self.seed = int(seed)
+        self.adapter_name = adapter_name
+        self.eval_dataset = eval_dataset
+        self.data_collator = data_collator
+        self.compute_metrics = compute_metrics
+        self.training_args = training_args
+        self.trainer_cls = trainer_cls
+        self.trainer_kwargs = dict(trainer_kwargs or {})
+        self.output_dir = os.fspath(output_dir)
+
+        self.pairs = find_lora_pairs(model, adapter_name)
+        if not self.pairs:
+            raise ValueError("model has no Linear LoRA layers; wrap it with peft.get_peft_model(..., LoraConfig(...))")
+        set_trainable_for_method(self.pairs, self.method)
+        self.extra_names = trainable_extra_names(model, self.pairs)
+
+        if client_datasets is not None:
+            self.client_datasets = list(client_datasets)
+        else:
+            if train_dataset is None:
+                raise ValueError("pass train_dataset (to split into client shards) or client_datasets")
+            if partition == "iid":
+                shards = partition_iid(len(train_dataset), num_clients, seed=self.seed)
+            else:
+                labels = [int(train_dataset[i][label_key]) for i in range(len(train_dataset))]
+                shards = partition_dirichlet(labels, num_clients, self.alpha, seed=self.seed)
+            self.client_datasets = [torch.utils.data.Subset(train_dataset, s) for s in shards]
+        self.client_sizes = [len(d) for d in self.client_datasets]
+        if min(self.client_sizes) < 1:
+            raise ValueError(f"every client needs at least one example, got shard sizes {self.client_sizes}")
+
+        # Server state.
+        self.round = 0
+        self.global_weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {
+            n: (a.float().cpu(), b.float().cpu()) for n, (a, b) in read_lora_weights(self.pairs).items()
+        }
+        params = dict(model.named_parameters())
+        self.global_extra: dict[str, torch.Tensor] = {
+            n: params[n].detach().float().cpu().clone() for n in self.extra_names
+        }
+        self.rng = np.random.default_rng(self.seed)
+        self.history: list[dict[str, Any]] = []
+        # per client (str id): state kept between rounds, e.g. a DP accountant's history; JSON-serialisable
+        self.client_states: dict[str, dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ checkpointing
+
+    @property
+    def server_dir(self) -> str:
+        return os.path.join(self.output_dir, "server")
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "num_clients": self.num_clients,
+            "client_fraction": self.client_fraction,
+            "local_steps": self.local_steps,
+            "partition": self.partition,
+            "alpha": self.alpha,
+            "seed": self.seed,
+            "client_sizes": self.client_sizes,
+            "modules": {n: [list(a.shape), list(b.shape)] for n, (a, b) in self.global_weights.items()},
+        }
+
+    def save_state(self) -> None:
+        """Write the server state: ``server/round_XXXX.safetensors`` then ``server/state.json`` (atomically)."""
+        os.makedirs(self.server_dir, exist_ok=True)
+        tensors = {}
+        for n, (a, b) in self.global_weights.items():
+            tensors[f"lora::{n}::A"] = a.contiguous()
+            tensors[f"lora::{n}::B"] = b.contiguous()
+        for n, t in self.global_extra.items():
+            tensors[f"extra::{n}"] = t.contiguous()
+        weights_file = f"round_{self.round:05d}.safetensors"
+        tmp = os.path.join(self.server_dir, weights_file + ".tmp")
+        save_file(tensors, tmp)
+        os.replace(tmp, os.path.join(self.server_dir, weights_file))
+        state = {
+            "format": 1,
+            "round": self.round,
+            "weights_file": weights_file,
+            "config": self._config(),
+            "rng": self.rng.bit_generator.state,
+            "history": self.history,
+            "client_states": self.client_states,
+        }
+        tmp = os.path.join(self.server_dir, _STATE_JSON + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(state, f, indent=1)
+        os.replace(tmp, os.path.join(self.server_dir, _STATE_JSON))
+        for old in os.listdir(self.server_dir):  # keep the current and the previous round's weights
+            if old.startswith("round_") and old.endswith(".safetensors") and old < f"round_{self.round - 1:05d}":
+                os.remove(os.path.join(self.server_dir, old))
+
+    def load_state(self) -> bool:
+        """Restore the server state from ``output_dir/server`` if present; returns whether it did.
+
+        Raises:
+            ValueError: if the checkpoint was written by a federation with a different configuration.
+        """
+        path = os.path.join(self.server_dir, _STATE_JSON)
+        if not os.path.isfile(path):
+            return False
+        with open(path) as f:
+            state = json.load(f)
+        saved, ours = state["config"], json.loads(json.dumps(self._config()))
+        diff = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+        if diff:
+            raise ValueError(
+                f"{self.server_dir} holds a federation with a different configuration ({', '.join(diff)}); use another "
+                "output_dir, the same settings, or run(..., resume=False) to start over"
+            )
+        tensors = load_file(os.path.join(self.server_dir, state["weights_file"]))
+        self.global_weights = {n: (tensors[f"lora::{n}::A"], tensors[f"lora::{n}::B"]) for n in self.global_weights}
+        self.global_extra = {n: tensors[f"extra::{n}"] for n in self.global_extra}
+        self.rng.bit_generator.state = state["rng"]
+        self.round = int(state["round"])
+        self.history = list(state["history"])
+        self.client_states = dict(state.get("client_states", {}))
+        return True
+
+    def write_metrics_csv(self, path: str | None = None) -> str:
+        """Write the per-round history to ``output_dir/metrics.csv`` (or ``path``); returns the path."""
+        path = path or os.path.join(self.output_dir, "metrics.csv")
+        keys: list[str] = []
+        for row in self.history:
+            keys.extend(k for k in row if k not in keys)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            for row in self.history:
+                writer.writerow(row)
+        return path
+
+    # ------------------------------------------------------------------ model I/O
+
+    def load_global_into_model(self) -> None:
+        """Write the global adapter (and averaged extra parameters) into ``self.model``."""
+        load_lora_state(self.model, self.pairs, self.global_weights, self.global_extra)
+
+    def client_seed(self, cid: int, rnd: int) -> int:
+        """The Trainer seed of client ``cid`` in round ``rnd`` (0-based): ``seed + 1000 * rnd + cid``."""
+        return client_seed(self.seed, cid, rnd)
+
+    def train_client(self, cid: int, rnd: int) -> tuple[LoraUpdate, dict[str, torch.Tensor], float]:
+        """Client ``cid``'s local training in round ``rnd`` (0-based) from the global state.
+
+        Returns:
+            ``({module: (A or None, B)}, {extra param: tensor}, train loss)``; ``A`` only for ``fedavg_lora``.
+        """
+        return train_lora_client(
+            self.model,
+            self.client_datasets[cid],
+            method=self.method,
+            global_weights=self.global_weights,
+            global_extra=self.global_extra,
+            local_steps=self.local_steps,
+            seed=self.client_seed(cid, rnd),
+            output_dir=os.path.join(self.output_dir, "clients", f"client_{cid}"),
+            training_args=self.training_args,
+            data_collator=self.data_collator,
+            trainer_cls=self.trainer_cls,
+            trainer_kwargs=self.trainer_kwargs,
+            pairs=self.pairs,
+            client_state=self.client_states.setdefault(str(cid), {}),
+        )
+
+    def evaluate(self) -> dict[str, float]:
+        """Evaluate the global model on ``eval_dataset`` (empty dict if there is none)."""
+        if self.eval_dataset is None:
+            return {}
+        self.load_global_into_model()
+        kwargs: dict[str, Any] = {"report_to": [], "disable_tqdm": True}
+        keep = (
+            "per_device_eval_batch_size",
+            "use_cpu",
+            "bf16",
+            "fp16",
+            "dataloader_num_workers",
+            "remove_unused_columns",
+        )
+        kwargs.update({k: v for k, v in self.training_args.items() if k in keep})
+        args = TrainingArguments(output_dir=os.path.join(self.output_dir, "eval"), seed=self.seed, **kwargs)
+        trainer = Trainer(
+            model=self.model,
+            args=args,
+            eval_dataset=self.eval_dataset,
+            data_collator=self.data_collator,
+            compute_metrics=self.compute_metrics,
+        )
+        _quiet(trainer)
+        metrics = trainer.evaluate()
+        skip = ("runtime", "per_second", "preparation_time")
+        return {k: float(v) for k, v in metrics.items() if k.startswith("eval_") and not any(x in k for x in skip)}
+
+    # ------------------------------------------------------------------ rounds
+
+    def run_round(self) -> dict[str, Any]:
+        """Sample clients, train them, aggregate, evaluate, checkpoint. Returns the round's metrics row."""
+        rnd = self.round
+        start = time.time()
+        sampled = sorted(int(c) for c in self.rng.choice(self.num_clients, self.clients_per_round, replace=False))
+        updates, extras, counts, losses, failed, rejected = [], [], [], [], [], []
+        for cid in sampled:
+            try:
+                update, extra, loss = self.train_client(cid, rnd)
+            except Exception as exc:  # noqa: BLE001 - a failing client must not stop the federation
+                msg = f"round {rnd + 1}: client {cid} failed and is skipped: {type(exc).__name__}: {exc}"
+                warnings.warn(msg, stacklevel=2)
+                logger.warning(msg)
+                failed.append(cid)
+                continue
+            if not (is_finite_update(update) and is_finite_update(extra)):
+                msg = f"round {rnd + 1}: client {cid} sent NaN/Inf weights; update rejected"
+                warnings.warn(msg, stacklevel=2)
+                logger.warning(msg)
+                rejected.append(cid)
+                continue
+            updates.append(update)
+            extras.append(extra)
+            counts.append(self.client_sizes[cid])
+            losses.append(loss)
+        if not updates:
+            raise RuntimeError(
+                f"round {rnd + 1}: no usable client update (failed {failed}, rejected {rejected}); see the warnings"
+            )
+        self.global_weights, spectrum = aggregate_lora(self.method, self.global_weights, updates, counts)
+        self.global_extra = {n: aggregate_weighted([e[n] for e in extras], counts) for n in self.extra_names}
+        self.round = rnd + 1
+        row: dict[str, Any] = {
+            "round": self.round,
+            "method": self.method,
+            "clients": " ".join(map(str, sampled)),
+            "n_ok": len(updates),
+            "failed": " ".join(map(str, failed)),
+            "rejected": " ".join(map(str, rejected)),
+            "train_loss": float(np.average(losses, weights=counts)),
+        }
+        eps = {int(c): st["epsilon"] for c, st in self.client_states.items() if "epsilon" in st}
+        if eps:
+            row.update({f"epsilon_client{c}": eps[c] for c in sampled if c in eps})
+            row["epsilon_max"] = max(eps.values())
+        if spectrum:
+            row["sigma_max_mean"] = float(np.mean([float(s[0]) for s in spectrum.values() if s.numel()]))
+        row.update(self.evaluate())
+        row["seconds"] = round(time.time() - start, 3)
+        self.history.append(row)
+        self.save_state()
+        self.write_metrics_csv()
+        logger.info("federation %s", row)
+        return row
+
+    def run(self, rounds: int, resume: bool = True) -> list[dict[str, Any]]:
+        """Run until ``rounds`` rounds are done in total (resuming from ``output_dir/server`` if ``resume``).
+
+        Returns:
+            The per-round metric rows (also in ``output_dir/metrics.csv``). The final global adapter is loaded into
+            ``self.model``.
+        """
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+            raise ValueError(f"rounds must be an int >= 0, got {rounds!r}")
+        if resume and self.round == 0:
+            if self.load_state():
+                logger.info("federation resumed at round %d from %s", self.round, self.server_dir)
+        while self.round < rounds:
+            self.run_round()
+        self.load_global_into_model()
+        return self.history

@@ -1,0 +1,327 @@
+"""Flower integration (extra ``[flower]``): a ``FedSVD`` strategy and a ``ClientApp`` that trains LoRA B with an HF Trainer.
+
+Message API of Flower >= 1.21 (``flwr.serverapp.strategy``). The server sends the global adapter (A and B of every
+module, plus averaged extra parameters such as a classifier head) in one ``ArrayRecord``; clients reply with B only
+(A too for ``fedavg_lora``) and a ``MetricRecord`` holding ``num-examples``. The strategy keeps A itself and, for
+``fedsvd``, refactorizes ``B_avg @ A`` by SVD after the weighted average (:func:`~hf_svd_plugins.fedsvd.core.aggregate_lora`).
+
+Key layout of the ``ArrayRecord``: ``"lora::<module>::A"``, ``"lora::<module>::B"``, ``"extra::<param>"``.
+
+Run under the simulation engine (Ray)::
+
+    from flwr.simulation import run_simulation
+    run_simulation(server_app=make_server_app(model_fn, ...), client_app=make_client_app(model_fn, dataset_fn, ...),
+                   num_supernodes=6, backend_config={"client_resources": {"num_cpus": 1}})
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from safetensors.torch import save_file
+from torch import nn
+from transformers import Trainer
+
+from hf_svd_plugins.fedsvd.core import aggregate_lora, aggregate_weighted, check_method, is_finite_update, trains_a
+from hf_svd_plugins.fedsvd.federation import (
+    client_seed,
+    set_trainable_for_method,
+    train_lora_client,
+    trainable_extra_names,
+)
+from hf_svd_plugins.lora import find_lora_pairs, read_lora_weights
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FedSVD",
+    "arrayrecord_to_lora",
+    "client_train",
+    "lora_to_arrayrecord",
+    "make_client_app",
+    "make_server_app",
+]
+
+LoraWeights = dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
+
+
+def lora_to_arrayrecord(
+    weights: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]],
+    extra: Mapping[str, torch.Tensor] | None = None,
+) -> ArrayRecord:
+    """Pack ``{module: (A or None, B or None)}`` and ``{param: tensor}`` into an ``ArrayRecord`` (None is left out)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, (a, b) in weights.items():
+        if a is not None:
+            state[f"lora::{name}::A"] = a.detach().float().cpu().contiguous()
+        if b is not None:
+            state[f"lora::{name}::B"] = b.detach().float().cpu().contiguous()
+    for name, t in (extra or {}).items():
+        state[f"extra::{name}"] = t.detach().float().cpu().contiguous()
+    return ArrayRecord(torch_state_dict=state)
+
+
+def arrayrecord_to_lora(record: ArrayRecord) -> tuple[LoraWeights, dict[str, torch.Tensor]]:
+    """Inverse of :func:`lora_to_arrayrecord`: ``({module: (A or None, B or None)}, {param: tensor})``.
+
+    Raises:
+        ValueError: on a key that is neither ``lora::<module>::A|B`` nor ``extra::<param>``.
+    """
+    weights: dict[str, list[torch.Tensor | None]] = {}
+    extra: dict[str, torch.Tensor] = {}
+    for key, t in record.to_torch_state_dict().items():
+        if key.startswith("extra::"):
+            extra[key[len("extra::") :]] = t
+            continue
+        parts = key.split("::")
+        if len(parts) != 3 or parts[0] != "lora" or parts[2] not in ("A", "B"):
+            raise ValueError(
+                f"unexpected key {key!r} in the ArrayRecord; expected 'lora::<module>::A|B' or 'extra::<param>'"
+            )
+        weights.setdefault(parts[1], [None, None])[0 if parts[2] == "A" else 1] = t
+    return {n: (ab[0], ab[1]) for n, ab in weights.items()}, extra
+
+
+class FedSVD(FedAvg):
+    """Flower strategy for federated LoRA: FedSVD (default), FFA-LoRA or FedAvg-LoRA server aggregation.
+
+    Clients train B (A frozen) and send B with ``num-examples``; the strategy remembers the A it sent
+    (``configure_train``), averages B by example counts, and for ``fedsvd`` refactorizes ``B_avg @ A``; the returned
+    arrays carry the new A and B. Client replies with NaN/Inf are dropped with a warning; a rank mismatch raises.
+
+    Args:
+        method: ``"fedsvd"``, ``"ffa_lora"`` or ``"fedavg_lora"``.
+        **kwargs: ``FedAvg`` arguments (``fraction_train``, ``min_train_nodes``, ``min_available_nodes``, ...).
+    """
+
+    def __init__(self, method: str = "fedsvd", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.method = check_method(method)
+        self.global_weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.global_extra: dict[str, torch.Tensor] = {}
+        self.rejected: dict[int, list[int]] = {}
+
+    def summary(self) -> None:
+        logger.info("FedSVD strategy, method=%s", self.method)
+        super().summary()
+
+    def set_global(self, arrays: ArrayRecord) -> None:
+        """Remember the global adapter that is sent to clients (must carry A and B of every module)."""
+        weights, extra = arrayrecord_to_lora(arrays)
+        missing = [n for n, (a, b) in weights.items() if a is None or b is None]
+        if missing:
+            raise ValueError(
+                f"the global arrays lack A or B for {missing[:3]}; send the full adapter (lora_to_arrayrecord)"
+            )
+        self.global_weights = {n: (a, b) for n, (a, b) in weights.items()}  # type: ignore[misc]
+        self.global_extra = extra
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.set_global(arrays)
+        config["fedsvd-method"] = self.method
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_contents(
+        self, server_round: int, contents: list[RecordDict]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate reply contents (one ``ArrayRecord`` + one ``MetricRecord`` each) into the new global arrays."""
+        if self.global_weights is None:
+            raise ValueError("aggregate before configure_train: call set_global(initial_arrays) first")
+        updates, extras, counts, kept = [], [], [], []
+        rejected = []
+        for i, content in enumerate(contents):
+            arrays = next(iter(content.array_records.values()))
+            metrics = next(iter(content.metric_records.values()))
+            weights, extra = arrayrecord_to_lora(arrays)
+            if not (is_finite_update(weights) and is_finite_update(extra)):
+                logger.warning("round %d: reply %d has NaN/Inf weights; rejected", server_round, i)
+                rejected.append(i)
+                continue
+            updates.append(weights)
+            extras.append(extra)
+            counts.append(float(metrics[self.weighted_by_key]))
+            kept.append(content)
+        self.rejected[server_round] = rejected
+        if not updates:
+            logger.warning("round %d: no usable client update; the global adapter is unchanged", server_round)
+            return None, None
+        new, spectrum = aggregate_lora(self.method, self.global_weights, updates, counts)
+        extra_avg = {n: aggregate_weighted([e[n] for e in extras], counts) for n in self.global_extra}
+        self.global_weights, self.global_extra = new, extra_avg
+        metrics = self.train_metrics_aggr_fn(kept, self.weighted_by_key)
+        metrics[self.weighted_by_key] = int(sum(counts))
+        metrics["rejected-replies"] = len(rejected)
+        if spectrum:
+            tops = [float(s[0]) for s in spectrum.values() if s.numel()]
+            metrics["sigma-max-mean"] = sum(tops) / max(1, len(tops))
+        return lora_to_arrayrecord(new, extra_avg), metrics
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        return self.aggregate_contents(server_round, [m.content for m in valid])
+
+
+# --------------------------------------------------------------------------------------------- client side
+
+
+def client_train(
+    model: nn.Module,
+    content: RecordDict,
+    dataset: torch.utils.data.Dataset,
+    *,
+    partition_id: int,
+    local_steps: int,
+    output_dir: str,
+    seed: int = 0,
+    method: str | None = None,
+    training_args: Mapping[str, Any] | None = None,
+    data_collator: Callable | None = None,
+    trainer_cls: type | None = None,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+) -> RecordDict:
+    """A client's train handler without the Flower runtime: global arrays in, ``{"arrays", "metrics"}`` out.
+
+    The method comes from the server's config (``fedsvd-method``) unless given. Seeds follow
+    :class:`~hf_svd_plugins.fedsvd.Federation` (``seed + 1000 * (server_round - 1) + partition_id``).
+    """
+    arrays = (
+        content.array_records["arrays"]
+        if "arrays" in content.array_records
+        else next(iter(content.array_records.values()))
+    )
+    config = content.config_records["config"] if "config" in content.config_records else ConfigRecord()
+    method = check_method(method or str(config.get("fedsvd-method", "fedsvd")))
+    server_round = int(config.get("server-round", 1))
+    weights, extra = arrayrecord_to_lora(arrays)
+    update, new_extra, loss = train_lora_client(
+        model,
+        dataset,
+        method=method,
+        global_weights=weights,  # type: ignore[arg-type]
+        global_extra=extra,
+        local_steps=local_steps,
+        seed=client_seed(seed, partition_id, server_round - 1),
+        output_dir=output_dir,
+        training_args=training_args,
+        data_collator=data_collator,
+        trainer_cls=trainer_cls or Trainer,
+        trainer_kwargs=trainer_kwargs,
+    )
+    if not trains_a(method):
+        update = {n: (None, b) for n, (_, b) in update.items()}
+    return RecordDict(
+        {
+            "arrays": lora_to_arrayrecord(update, new_extra),
+            "metrics": MetricRecord({"num-examples": len(dataset), "train-loss": float(loss)}),
+        }
+    )
+
+
+def make_client_app(
+    model_fn: Callable[[], nn.Module],
+    dataset_fn: Callable[[int, int], torch.utils.data.Dataset],
+    *,
+    local_steps: int = 10,
+    seed: int = 0,
+    training_args: Mapping[str, Any] | None = None,
+    data_collator: Callable | None = None,
+    trainer_cls: type | None = None,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+    output_dir: str = "fedsvd_flower",
+) -> ClientApp:
+    """A Flower ``ClientApp`` whose ``train`` handler runs an HF Trainer (or ``trainer_cls``, e.g. a DP trainer) on B.
+
+    Args:
+        model_fn: builds the PEFT LoRA model (called once per client process; weights come from the server).
+        dataset_fn: ``(partition_id, num_partitions) -> dataset`` of this client (from ``context.node_config``).
+        local_steps: optimizer steps per round.
+    """
+    app = ClientApp()
+    cache: dict[str, nn.Module] = {}
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        if "model" not in cache:
+            cache["model"] = model_fn()
+        pid = int(context.node_config.get("partition-id", 0))
+        n = int(context.node_config.get("num-partitions", 1))
+        reply = client_train(
+            cache["model"],
+            msg.content,
+            dataset_fn(pid, n),
+            partition_id=pid,
+            local_steps=local_steps,
+            seed=seed,
+            output_dir=os.path.join(output_dir, f"client_{pid}"),
+            training_args=training_args,
+            data_collator=data_collator,
+            trainer_cls=trainer_cls,
+            trainer_kwargs=trainer_kwargs,
+        )
+        return Message(content=reply, reply_to=msg)
+
+    return app
+
+
+def make_server_app(
+    model_fn: Callable[[], nn.Module],
+    *,
+    method: str = "fedsvd",
+    num_rounds: int = 3,
+    fraction_train: float = 1.0,
+    min_train_nodes: int = 1,
+    min_available_nodes: int = 1,
+    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    output_dir: str | None = None,
+) -> ServerApp:
+    """A Flower ``ServerApp`` running :class:`FedSVD` from ``model_fn()``'s initial adapter for ``num_rounds``.
+
+    If ``output_dir`` is set, the final adapter goes to ``final.safetensors`` (same keys as the ``ArrayRecord``) and
+    the per-round metrics to ``metrics.json`` there.
+    """
+    check_method(method)
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        model = model_fn()
+        pairs = find_lora_pairs(model)
+        params = dict(model.named_parameters())
+        set_trainable_for_method(pairs, method)
+        extra = {n: params[n].detach() for n in trainable_extra_names(model, pairs)}
+        initial = lora_to_arrayrecord(read_lora_weights(pairs), extra)
+        strategy = FedSVD(
+            method=method,
+            fraction_train=fraction_train,
+            fraction_evaluate=0.0,
+            min_train_nodes=min_train_nodes,
+            min_available_nodes=min_available_nodes,
+        )
+        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=num_rounds, evaluate_fn=evaluate_fn)
+        if output_dir is not None:
+            os.makedirs(output_dir, exist_ok=True)
+            save_file(result.arrays.to_torch_state_dict(), os.path.join(output_dir, "final.safetensors"))
+            rows = {
+                "train": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()},
+                "server_eval": {str(r): dict(m) for r, m in result.evaluate_metrics_serverapp.items()},
+                "rejected": {str(r): v for r, v in strategy.rejected.items()},
+            }
+            with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+                json.dump(rows, f, indent=1, default=float)
+
+    return app

@@ -1,0 +1,119 @@
+"""FedSVDCallback under real 2-process CPU runs (accelerate launch, gloo): DDP, DeepSpeed ZeRO-2 and ZeRO-3.
+
+Every rank ends bitwise identical, A has orthonormal rows, logits are unchanged by each refactorization and the
+optimizer moments are reset (DeepSpeed: the base optimizer's flat state is zeroed).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(REPO, "tests")
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    torch.set_num_threads(1)
+    from tiny import TinyTokenDataset, pad_collate, tiny_lora_model, tiny_batches
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from hf_svd_plugins.fedsvd import FedSVDCallback
+    from hf_svd_plugins.lora import find_lora_pairs, read_lora_weights
+
+    out = sys.argv[1]
+    batch = {{k: v for k, v in tiny_batches(1, 4)[0].items() if k != "labels"}}
+
+    class Logits(TrainerCallback):
+        def __init__(self):
+            self.logits = {{}}
+
+        @torch.no_grad()
+        def on_step_end(self, args, state, control, model=None, **kw):
+            was = model.training
+            model.eval()
+            self.logits[state.global_step] = model(**batch).logits.double()
+            model.train(was)
+
+    def base_optimizer(opt):
+        while not isinstance(opt, torch.optim.Optimizer) or hasattr(opt, "refresh_fp32_params"):
+            opt = opt.optimizer
+        return opt
+
+    class OptState(TrainerCallback):
+        # whether the Adam first moments are all zero or absent (DDP: B's state popped; DeepSpeed: flat state zeroed)
+
+        def __init__(self):
+            self.empty = {{}}
+
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+            base = base_optimizer(optimizer)
+            moments = [v for st in base.state.values() for k, v in st.items() if k == "exp_avg"]
+            self.empty[state.global_step] = all(float(v.abs().max()) == 0 for v in moments)
+
+    before, after, opt = Logits(), type("After", (Logits,), {{}})(), OptState()
+    model = tiny_lora_model("llama", r=4)
+    args = TrainingArguments(
+        output_dir=out, per_device_train_batch_size=4, max_steps=4, learning_rate=2e-2, use_cpu=True,
+        report_to=[], save_strategy="no", logging_steps=2, disable_tqdm=True, seed=0,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=TinyTokenDataset(n=32), data_collator=pad_collate,
+        callbacks=[before, FedSVDCallback(every_n_steps=2), after, opt],
+    )
+    trainer.train()
+    rank = trainer.args.process_index
+    torch.save(
+        {{
+            "world_size": trainer.args.world_size,
+            "weights": read_lora_weights(find_lora_pairs(model)),
+            "logit_diff": max(float((before.logits[s] - after.logits[s]).abs().max()) for s in before.logits),
+            "opt_empty": opt.empty,
+            "a_trainable": any(p.A.requires_grad for p in find_lora_pairs(model)),
+        }},
+        os.path.join(out, f"rank{{rank}}.pt"),
+    )
+    """
+)
+
+
+LAUNCH = {
+    "ddp": ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no"],
+    "zero2": ["--config_file", os.path.join(REPO, "accelerate_configs", "deepspeed_zero2.yaml")],
+    "zero3": ["--config_file", os.path.join(REPO, "accelerate_configs", "deepspeed_zero3.yaml")],
+}  # fmt: skip
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3"])
+def test_callback_two_processes_ranks_identical(tmp_path, mode):
+    if mode.startswith("zero"):
+        pytest.importorskip("deepspeed")
+        if not os.path.isfile(LAUNCH[mode][1]):
+            pytest.skip(f"{LAUNCH[mode][1]} not found")
+    script = tmp_path / "fedsvd_train.py"
+    script.write_text(SCRIPT.format(tests=TESTS))
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCH[mode], str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert r0["world_size"] == r1["world_size"] == 2
+    for name, (a, b) in r0["weights"].items():
+        assert torch.equal(r1["weights"][name][0], a) and torch.equal(r1["weights"][name][1], b), name
+        gram = a.double() @ a.double().T
+        torch.testing.assert_close(gram, torch.eye(a.shape[0], dtype=torch.float64), atol=1e-5, rtol=0)
+        assert float(b.abs().max()) > 0
+    for r in (r0, r1):
+        assert r["logit_diff"] < 1e-5
+        assert r["opt_empty"] == {1: False, 2: True, 3: False, 4: True}
+        assert not r["a_trainable"]
