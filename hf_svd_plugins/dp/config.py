@@ -1,0 +1,127 @@
+"""Configuration of differentially private training (DP-SGD with per-example clipping)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+PER_SAMPLE_METHODS = ("auto", "vmap", "hooks", "loop")
+LOSS_TYPES = ("auto", "causal_lm", "token", "sequence")
+
+
+@dataclass
+class DPConfig:
+    """What DP-SGD does at every optimizer step, and which privacy guarantee it must meet.
+
+    Per optimizer step, on a Poisson-sampled logical batch (each example in with probability ``q``):
+    ``g = (sum_i clip_C(g_i) + N(0, sigma^2 C^2 I)) / (q N)``. The privacy unit is one example (one sequence).
+
+    Attributes:
+        max_grad_norm: ``C``, the bound on every example's gradient norm (over all trainable parameters together).
+            Must be > 0. The Trainer's own ``TrainingArguments.max_grad_norm`` is disabled under DP.
+        noise_multiplier: ``sigma``; the Gaussian noise std is ``sigma * C``. Give exactly one of ``noise_multiplier``
+            and ``target_epsilon``. ``0`` means no noise (no privacy: epsilon is infinite), useful for debugging.
+        target_epsilon: calibrate ``sigma`` so that the whole planned run (``max_steps`` or ``num_train_epochs``)
+            spends exactly this epsilon at ``target_delta``, with the same accountant that reports epsilon.
+        target_delta: the ``delta`` of ``(epsilon, delta)``-DP. Default ``min(1e-5, 1 / (10 N))`` with ``N`` the
+            training set size; refused if ``>= 1 / N`` (that would allow leaking a whole example).
+        accountant: ``"prv"`` (default, tight) or ``"rdp"`` (classic, looser); see
+            :data:`hf_svd_plugins.dp.accounting.ACCOUNTANTS`.
+        max_epsilon: hard budget. Training refuses to start when the planned run would exceed it, and stops before
+            an optimizer step that would exceed it (e.g. when resumed with more steps). Defaults to ``target_epsilon``
+            when that is given, otherwise no hard limit.
+        poisson_sampling: sample each logical batch by including every example independently with probability
+            ``q = expected_batch / N`` (what the accountants analyse). ``False`` uses the Trainer's shuffled fixed-size
+            batches; the reported epsilon is then only an approximation.
+        per_sample_method: how per-example gradients are computed. ``"vmap"``: ``torch.func`` (exact, fast);
+            ``"hooks"``: Opacus ``GradSampleModule`` hooks (exact for the layers Opacus supports); ``"loop"``: one
+            backward per example (exact, slow, works for any model); ``"auto"``: ``vmap`` when its attention-mask handling is
+            verified exact for the model on the first batch (and it runs), else ``hooks`` when Opacus supports every
+            trainable layer, else ``loop``; ``loop`` whenever activation checkpointing is on.
+        loss_type: how an example's loss is computed from logits. ``"causal_lm"``: mean over the example's own valid
+            next-token targets (labels shifted by one, ``-100`` ignored); ``"token"``: same without the shift (token
+            classification, masked LM); ``"sequence"``: one label per example (cross-entropy, MSE if one output,
+            BCE for float multi-label targets); ``"auto"``: decided from the model class and the label shape.
+        max_physical_batch_size: compute per-example gradients in chunks of at most this many examples (bounds
+            memory; the math is unchanged). ``None``: the whole micro-batch at once.
+        noise_seed: seed of the noise generator. ``None`` (recommended for real privacy) draws a fresh seed from the
+            OS. Its state is saved in every checkpoint either way, so resuming continues the same stream.
+        sampler_seed: seed of the Poisson sampler; ``None`` uses ``TrainingArguments.seed``.
+        eps_error: accuracy of the PRV accountant's epsilon (ignored by RDP).
+        epsilon_tolerance: accuracy of the sigma calibration from ``target_epsilon``.
+    """
+
+    max_grad_norm: float = 1.0
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    target_delta: float | None = None
+    accountant: str = "prv"
+    max_epsilon: float | None = None
+    poisson_sampling: bool = True
+    per_sample_method: str = "auto"
+    loss_type: str = "auto"
+    max_physical_batch_size: int | None = None
+    noise_seed: int | None = None
+    sampler_seed: int | None = None
+    eps_error: float = 0.01
+    epsilon_tolerance: float = 0.01
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the bad field and the fix. Called on construction."""
+        from hf_svd_plugins.dp.accounting import ACCOUNTANTS
+
+        if not _finite(self.max_grad_norm) or self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm={self.max_grad_norm!r}: the clipping bound C must be a finite number > 0")
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(
+                "give exactly one of noise_multiplier (sigma) or target_epsilon (sigma is then calibrated); got "
+                f"noise_multiplier={self.noise_multiplier!r}, target_epsilon={self.target_epsilon!r}"
+            )
+        if self.noise_multiplier is not None and (not _finite(self.noise_multiplier) or self.noise_multiplier < 0):
+            raise ValueError(f"noise_multiplier={self.noise_multiplier!r}: sigma must be a finite number >= 0")
+        if self.target_epsilon is not None and (not _finite(self.target_epsilon) or self.target_epsilon <= 0):
+            raise ValueError(f"target_epsilon={self.target_epsilon!r}: must be a finite number > 0")
+        if self.target_delta is not None and not (0 < self.target_delta < 1):
+            raise ValueError(f"target_delta={self.target_delta!r}: delta must be in (0, 1), typically << 1/N")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant={self.accountant!r}: choose one of {sorted(ACCOUNTANTS)}")
+        if self.max_epsilon is not None and (not _finite(self.max_epsilon) or self.max_epsilon <= 0):
+            raise ValueError(f"max_epsilon={self.max_epsilon!r}: must be a finite number > 0, or None for no limit")
+        if self.per_sample_method not in PER_SAMPLE_METHODS:
+            raise ValueError(f"per_sample_method={self.per_sample_method!r}: choose one of {PER_SAMPLE_METHODS}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type={self.loss_type!r}: choose one of {LOSS_TYPES}")
+        if self.max_physical_batch_size is not None and self.max_physical_batch_size < 1:
+            raise ValueError(f"max_physical_batch_size={self.max_physical_batch_size!r}: must be >= 1 or None")
+        if not _finite(self.eps_error) or self.eps_error <= 0:
+            raise ValueError(f"eps_error={self.eps_error!r}: must be > 0")
+        if not _finite(self.epsilon_tolerance) or self.epsilon_tolerance <= 0:
+            raise ValueError(f"epsilon_tolerance={self.epsilon_tolerance!r}: must be > 0")
+
+    @property
+    def epsilon_limit(self) -> float | None:
+        """The hard budget: ``max_epsilon``, else ``target_epsilon``, else None."""
+        return self.max_epsilon if self.max_epsilon is not None else self.target_epsilon
+
+    def resolve_delta(self, num_examples: int) -> float:
+        """``target_delta`` or its default ``min(1e-5, 1 / (10 N))``; ``ValueError`` if ``delta >= 1 / N``."""
+        if num_examples < 1:
+            raise ValueError(f"the training set is empty (N={num_examples}); DP training needs at least one example")
+        if self.target_delta is None:
+            return min(1e-5, 1.0 / (10 * num_examples))
+        if self.target_delta >= 1.0 / num_examples:
+            raise ValueError(
+                f"target_delta={self.target_delta!r} >= 1/N = {1.0 / num_examples:.3g} (N={num_examples}): such a delta "
+                "allows leaking a whole example; use a smaller delta, e.g. 1/(10 N), or leave it None for the default"
+            )
+        return float(self.target_delta)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

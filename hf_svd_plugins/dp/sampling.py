@@ -1,0 +1,118 @@
+"""Poisson sampling of logical batches, split into micro-batches (gradient accumulation) and rank shares.
+
+Every rank draws the *same* Poisson sample from the same seed, then takes its own share, so the union over ranks and
+micro-batches of one optimizer step is exactly one Poisson-sampled logical batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+
+def poisson_sample(num_examples: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices ``(k,)`` (int64, ascending) of the examples included, each independently with probability ``q``.
+
+    ``k`` is Binomial(N, q) and may be 0.
+    """
+    mask = torch.rand(num_examples, generator=generator) < sample_rate
+    return mask.nonzero().flatten()
+
+
+def split_logical_batch(
+    indices: torch.Tensor, num_micro_batches: int, world_size: int = 1, rank: int = 0
+) -> list[list[int]]:
+    """This rank's ``num_micro_batches`` micro-batches of a logical batch ``indices (k,)``.
+
+    The batch is cut into ``world_size`` contiguous shares (sizes differ by at most one), the share of ``rank`` into
+    ``num_micro_batches`` contiguous micro-batches. Micro-batches may be empty.
+    """
+    share = torch.tensor_split(indices, world_size)[rank]
+    return [chunk.tolist() for chunk in torch.tensor_split(share, num_micro_batches)]
+
+
+class PoissonBatchSampler(Sampler[list[int]]):
+    """Batch sampler yielding, per optimizer step, this rank's ``gradient_accumulation_steps`` micro-batches of a
+    Poisson-sampled logical batch (expected size ``q * N``).
+
+    The sample of step ``t`` of epoch ``e`` depends only on ``(seed, e, t)``: resuming from a checkpoint and skipping
+    the first batches of the epoch reproduces the same batches.
+
+    Args:
+        num_examples: ``N``.
+        sample_rate: ``q``.
+        steps_per_epoch: optimizer steps per epoch (usually ``int(1 / q)``).
+        gradient_accumulation_steps: micro-batches per optimizer step on each rank.
+        world_size, rank: this process' share.
+        seed: base seed, identical on every rank.
+    """
+
+    def __init__(
+        self,
+        num_examples: int,
+        sample_rate: float,
+        steps_per_epoch: int,
+        gradient_accumulation_steps: int = 1,
+        world_size: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate={sample_rate!r} must be in (0, 1]")
+        if steps_per_epoch < 1 or gradient_accumulation_steps < 1:
+            raise ValueError("steps_per_epoch and gradient_accumulation_steps must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.num_examples = num_examples
+        self.sample_rate = sample_rate
+        self.steps_per_epoch = steps_per_epoch
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.world_size = world_size
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch * self.gradient_accumulation_steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + self.epoch)
+        for _ in range(self.steps_per_epoch):
+            idx = poisson_sample(self.num_examples, self.sample_rate, gen)
+            yield from split_logical_batch(idx, self.gradient_accumulation_steps, self.world_size, self.rank)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "sample_rate": self.sample_rate,
+                "num_examples": self.num_examples}
+
+
+EMPTY_BATCH_KEY = "dp_empty_batch"
+
+
+class EmptySafeCollator:
+    """Wrap a collator so an empty micro-batch becomes ``{EMPTY_BATCH_KEY: tensor(0)}`` instead of an error."""
+
+    def __init__(self, collate_fn) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, features: list) -> dict:
+        if len(features) == 0:
+            return {EMPTY_BATCH_KEY: torch.zeros(1)}
+        return self.collate_fn(features)
+
+
+def is_empty_batch(inputs: dict) -> bool:
+    return isinstance(inputs, dict) and EMPTY_BATCH_KEY in inputs
+
+
+class PoissonDataLoader(DataLoader):
+    """A DataLoader over a :class:`PoissonBatchSampler` that forwards ``set_epoch`` (the Trainer calls it)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(epoch)

@@ -1,0 +1,103 @@
+"""Real 2-process CPU runs of DPTrainer under `accelerate launch` (DDP, and DeepSpeed ZeRO-2): both ranks end with
+identical parameters, the noise is added once (the run equals one process with the same logical batch), and epsilon
+is the same."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {tests_dir!r})
+    from tiny import TinyTokenDataset, pad_collate, tiny_lora_model
+    from transformers import TrainingArguments
+    from hf_svd_plugins.dp import DPConfig, DPTrainer
+    from hf_svd_plugins.dp.per_sample import trainable_parameters
+
+    out_dir, per_device, ga = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    for method in sys.argv[4].split(","):
+        args = TrainingArguments(
+            output_dir=os.path.join(out_dir, method), per_device_train_batch_size=per_device, gradient_accumulation_steps=ga,
+            max_steps=3, learning_rate=0.05, optim="sgd", lr_scheduler_type="constant", report_to=[], use_cpu=True,
+            save_strategy="no", logging_steps=100, disable_tqdm=True, seed=0, max_grad_norm=0.0,
+        )
+        dp = DPConfig(noise_multiplier=1.0, max_grad_norm=0.5, noise_seed=0, per_sample_method=method)
+        trainer = DPTrainer(model=tiny_lora_model("llama"), args=args, train_dataset=TinyTokenDataset(n=32),
+                            data_collator=pad_collate, dp_config=dp)
+        trainer.train()
+        params = {{n: p.detach().clone() for n, p in trainable_parameters(trainer.model).items()}}
+        torch.save({{"params": params, "epsilon": trainer.get_epsilon(), "world": args.world_size,
+                     "history": trainer.accountant.history, "noise_state": trainer._dp_noise_generator.get_state()}},
+                   os.path.join(out_dir, f"rank{{args.process_index}}_{{method}}.pt"))
+    """
+)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = {
+    "ddp": ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no"],
+    "zero2": ["--config_file", os.path.join(REPO, "accelerate_configs", "deepspeed_zero2.yaml")],
+}  # fmt: skip
+# (per-device batch, gradient accumulation, per-sample methods): 2 x 2 x 2 ranks = 8 = 4 x 2 x 1 process. The
+# ZeRO-2 config fixes gradient accumulation to 1 (4 x 1 x 2 = 8 x 1 x 1); Opacus hooks are refused under DeepSpeed.
+SETUPS = {"ddp": (2, 2, ("vmap", "hooks")), "zero2": (4, 1, ("vmap",))}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode", ["ddp", "zero2"])
+def test_two_processes_match_single_process(tmp_path, mode):
+    if mode == "zero2":
+        pytest.importorskip("deepspeed")
+        if not os.path.isfile(LAUNCH[mode][1]):
+            pytest.skip(f"{LAUNCH[mode][1]} not found")
+    per_device, ga, methods = SETUPS[mode]
+    tests_dir = os.path.join(REPO, "tests")
+    script = tmp_path / "dp_train.py"
+    script.write_text(SCRIPT.format(tests_dir=tests_dir))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCH[mode], str(script), str(tmp_path),
+           str(per_device), str(ga), ",".join(methods)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    runs = {m: [torch.load(tmp_path / f"rank{r}_{m}.pt", weights_only=False) for r in (0, 1)] for m in methods}
+    for r0, r1 in runs.values():
+        assert r0["world"] == r1["world"] == 2
+        for n in r0["params"]:
+            assert torch.equal(r0["params"][n], r1["params"][n]), n
+        assert r0["epsilon"] == r1["epsilon"]
+        assert torch.equal(r0["noise_state"], r1["noise_state"])
+
+    # One process, same logical batch and seeds: the same Poisson batches and the same noise, so the same parameters
+    # up to float summation order, and the same epsilon.
+    from tiny import TinyTokenDataset, pad_collate, tiny_lora_model
+    from transformers import TrainingArguments
+
+    from hf_svd_plugins.dp import DPConfig, DPTrainer
+    from hf_svd_plugins.dp.per_sample import trainable_parameters
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "single"), per_device_train_batch_size=2 * per_device, gradient_accumulation_steps=ga,
+        max_steps=3, learning_rate=0.05, optim="sgd", lr_scheduler_type="constant", report_to=[], use_cpu=True,
+        save_strategy="no", logging_steps=100, disable_tqdm=True, seed=0, max_grad_norm=0.0,
+    )
+    single = DPTrainer(model=tiny_lora_model("llama"), args=args, train_dataset=TinyTokenDataset(n=32),
+                       data_collator=pad_collate, dp_config=DPConfig(noise_multiplier=1.0, max_grad_norm=0.5,
+                                                                     noise_seed=0))
+    single.train()
+    for r0, _ in runs.values():
+        assert single.accountant.history == r0["history"] == [(1.0, 0.25, 3)]
+        assert single.get_epsilon() == pytest.approx(r0["epsilon"], rel=1e-12)
+        assert torch.equal(single._dp_noise_generator.get_state(), r0["noise_state"])
+        for n, p in trainable_parameters(single.model).items():
+            torch.testing.assert_close(p.detach(), r0["params"][n], rtol=1e-5, atol=1e-6, msg=n)

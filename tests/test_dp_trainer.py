@@ -1,0 +1,281 @@
+"""DPTrainer / DPMixin / DPSFTTrainer in one process: the update it releases, noise once per step, Poisson batches,
+epsilon in the logs, checkpoint/resume, and refusals before training."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from tiny import TinyTokenDataset, pad_collate, tiny_lora_model
+from transformers import TrainerCallback, TrainingArguments
+
+from hf_svd_plugins.dp import DPConfig, DPTrainer
+from hf_svd_plugins.dp.accounting import compute_epsilon
+from hf_svd_plugins.dp.per_sample import trainable_parameters
+from hf_svd_plugins.dp.sampling import PoissonBatchSampler
+from hf_svd_plugins.dp.trainer import DP_STATE_NAME
+
+
+def _args(tmp_path, **kw) -> TrainingArguments:
+    base = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, logging_steps=1, learning_rate=1.0,
+        optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, report_to=[], use_cpu=True, save_strategy="no",
+        disable_tqdm=True, seed=0, max_grad_norm=0.0,
+    )
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _trainer(tmp_path, model=None, dataset=None, dp=None, **kw) -> DPTrainer:
+    return DPTrainer(
+        model=model if model is not None else tiny_lora_model("llama"),
+        args=_args(tmp_path, **kw),
+        train_dataset=dataset if dataset is not None else TinyTokenDataset(n=32),
+        data_collator=pad_collate,
+        dp_config=dp if dp is not None else DPConfig(noise_multiplier=1.0, noise_seed=0),
+    )
+
+
+def _lora_b_nonzero(model):
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize(("ga", "method", "physical"), [(1, "vmap", None), (2, "hooks", None), (2, "loop", 1)])
+def test_sigma_zero_update_equals_mean_of_per_example_grads(tmp_path, ga, method, physical):
+    """One SGD step (lr=1) with sigma=0 and a huge C moves params by exactly -sum_i g_i / (q N) over the Poisson
+    batch, where g_i is example i's own gradient (float64 brute force, each example alone and unpadded)."""
+    dataset = TinyTokenDataset(n=24, seed=1)
+    model = _lora_b_nonzero(tiny_lora_model("gpt2"))
+    for m in model.modules():  # GPT-2 has dropout; the reference has none
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    ref_model = copy.deepcopy(model).double()
+    before = {n: p.detach().clone() for n, p in trainable_parameters(model).items()}
+    trainer = _trainer(tmp_path, model=model, dataset=dataset, max_steps=1, per_device_train_batch_size=4 // ga,
+                       gradient_accumulation_steps=ga, dp=DPConfig(noise_multiplier=0.0, max_grad_norm=1e9,
+                                                                   per_sample_method=method,
+                                                                   max_physical_batch_size=physical))
+    trainer.train()
+    assert trainer.dp_method_used == method
+    sampled = [i for mb in list(PoissonBatchSampler(24, 4 / 24, 6, ga, seed=0))[:ga] for i in mb]
+    assert len(sampled) > 0
+    params = trainable_parameters(ref_model)
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in sampled:
+        item = dataset[i]
+        logits = ref_model(input_ids=item["input_ids"][None]).logits[0]
+        loss = torch.nn.functional.cross_entropy(logits[:-1].double(), item["labels"][1:], ignore_index=-100)
+        for n, g in zip(params, torch.autograd.grad(loss, list(params.values())), strict=True):
+            total[n] += g
+    for n, p in trainable_parameters(model).items():
+        torch.testing.assert_close((before[n] - p.detach()).double(), total[n] / 4, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_noise_added_once_per_step_with_gradient_accumulation(tmp_path):
+    """C -> 0 and sigma*C = 1: the update is pure noise with std 1/B; per-micro-batch noise would give sqrt(ga)/B."""
+    model = tiny_lora_model("llama")
+    before = torch.cat([p.detach().flatten().clone() for p in trainable_parameters(model).values()])
+    trainer = _trainer(tmp_path, model=model, max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=4,
+                       dp=DPConfig(noise_multiplier=1e9, max_grad_norm=1e-9, noise_seed=3))
+    trainer.train()
+    after = torch.cat([p.detach().flatten() for p in trainable_parameters(model).values()])
+    std = (after - before).std().item()
+    assert before.numel() > 3000
+    assert abs(std * 8 - 1) < 0.05, std * 8
+
+
+def test_trains_logs_epsilon_and_matches_accountant(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=4, logging_steps=2, learning_rate=0.05, gradient_accumulation_steps=2,
+                       per_device_train_batch_size=2)
+    out = trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2 and all("epsilon" in entry for entry in logs)
+    assert logs[0]["epsilon"] < logs[1]["epsilon"]
+    q = 4 / 32
+    assert trainer.sample_rate == q and trainer.target_delta == pytest.approx(1e-5)
+    expected = compute_epsilon(1.0, q, 4, 1e-5, "prv")
+    assert out.metrics["epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert trainer.get_epsilon() == pytest.approx(expected, rel=1e-9)
+    assert trainer.args.max_grad_norm == 0
+
+
+def test_trainer_max_grad_norm_disabled_with_warning(tmp_path):
+    with pytest.warns(UserWarning, match="max_grad_norm"):
+        trainer = _trainer(tmp_path, max_grad_norm=1.0)
+    assert trainer.args.max_grad_norm == 0
+
+
+def test_empty_poisson_batches(tmp_path):
+    """q = 1/32: about a third of the logical batches are empty; they still count as steps (and in epsilon)."""
+    model = tiny_lora_model("llama")
+    trainer = _trainer(tmp_path, model=model, per_device_train_batch_size=1, max_steps=12, learning_rate=0.01,
+                       dp=DPConfig(noise_multiplier=2.0, noise_seed=0))
+    sizes = [len(b) for b in PoissonBatchSampler(32, 1 / 32, 32, 1, seed=0)][:12]
+    assert 0 in sizes
+    trainer.train()
+    assert trainer.accountant.history == [(2.0, 1 / 32, 12)]
+    assert all(torch.isfinite(p).all() for p in trainable_parameters(model).values())
+
+
+def test_target_epsilon_calibrates_and_bert_classification(tmp_path):
+    dataset = TinyTokenDataset(n=32, kind="cls")
+    trainer = _trainer(tmp_path, model=tiny_lora_model("bert"), dataset=dataset, max_steps=4, learning_rate=0.05,
+                       dp=DPConfig(target_epsilon=2.0, accountant="rdp", noise_seed=0))
+    assert trainer.noise_multiplier > 0
+    trainer.train()
+    assert trainer._dp_loss_type == "sequence" and trainer.dp_method_used in ("vmap", "hooks")
+    assert 1.95 <= trainer.get_epsilon() <= 2.0
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resume_keeps_epsilon_and_noise_stream(tmp_path):
+    kw = dict(max_steps=6, save_strategy="steps", save_steps=3, learning_rate=0.05, gradient_accumulation_steps=2,
+              per_device_train_batch_size=2, logging_steps=100)
+    full = _trainer(tmp_path / "full", **kw)
+    full.train()
+    params_full = {n: p.detach().clone() for n, p in trainable_parameters(full.model).items()}
+
+    first = _trainer(tmp_path / "split", **kw)
+    first.add_callback(_StopAt(3))
+    first.train()
+    ckpt = tmp_path / "split" / "checkpoint-3"
+    assert (ckpt / DP_STATE_NAME).is_file()
+    assert first.get_epsilon() < full.get_epsilon()
+
+    resumed = _trainer(tmp_path / "split", **kw)
+    resumed.train(resume_from_checkpoint=True)  # the last checkpoint in output_dir: checkpoint-3
+    assert resumed.accountant.history == full.accountant.history == [(1.0, 4 / 32, 6)]
+    assert resumed.get_epsilon() == pytest.approx(full.get_epsilon(), rel=1e-12)
+    for n, p in trainable_parameters(resumed.model).items():
+        torch.testing.assert_close(p.detach(), params_full[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_resume_from_non_dp_checkpoint_refused(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    trainer.train()
+    os.remove(tmp_path / "checkpoint-2" / DP_STATE_NAME)
+    again = _trainer(tmp_path, max_steps=4)
+    with pytest.raises(ValueError, match="privacy"):
+        again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_hard_budget_stops_training(tmp_path):
+    """Resumed with more steps than the budget allows: stops before exceeding max_epsilon."""
+    dp = DPConfig(noise_multiplier=1.0, max_epsilon=10.0, noise_seed=0, accountant="rdp")  # RDP: fast bisection
+    trainer = _trainer(tmp_path, max_steps=3, dp=dp)
+    limit = compute_epsilon(1.0, 4 / 32, 3, 1e-5, accountant="rdp")
+    trainer.dp_config.max_epsilon = limit  # budget = exactly 3 steps
+    trainer.args.max_steps = 5
+    trainer.train()
+    assert trainer.accountant.steps == 3
+    assert trainer.get_epsilon() <= limit
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda t: _trainer(t, dp=DPConfig(noise_multiplier=1.0, target_delta=0.05)), "target_delta"),
+        (lambda t: _trainer(t, dp=DPConfig(target_epsilon=1e-3, accountant="rdp"), max_steps=2000), "target_epsilon"),
+        (lambda t: _trainer(t, dp=DPConfig(noise_multiplier=0.5, max_epsilon=1.0), max_steps=50), "max_epsilon"),
+        (lambda t: _trainer(t, model=tiny_lora_model("llama").requires_grad_(False)), "trainable"),
+        (lambda t: _trainer(t, per_device_train_batch_size=64), "exceeds"),
+        (lambda t: _trainer(t, dp=None).__class__(model=tiny_lora_model("llama"), args=_args(t)), "dp_config"),
+    ],
+)
+def test_bad_setup_refused_before_training(tmp_path, make, match):
+    with pytest.raises(ValueError, match=match):
+        make(tmp_path)
+
+
+def test_hooks_method_refuses_unsupported_layers(tmp_path):
+    model = tiny_lora_model("llama")
+    for n, p in model.named_parameters():
+        if n.endswith("model.norm.weight"):
+            p.requires_grad_(True)  # LlamaRMSNorm has no Opacus grad sampler
+    with pytest.raises(ValueError, match="grad sampler"):
+        _trainer(tmp_path, model=model, dp=DPConfig(noise_multiplier=1.0, per_sample_method="hooks"))
+
+
+def test_dp_sft_trainer(tmp_path):
+    """`DPSFTTrainer(DPMixin, trl.SFTTrainer)` trains on a pre-tokenized set with a local tokenizer."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    from trl import SFTConfig
+
+    from hf_svd_plugins.dp import DPSFTTrainer
+
+    vocab = {"[PAD]": 0, "[EOS]": 2, "[UNK]": 3, **{f"t{i}": i for i in range(4, 97)}}
+    vocab["[BOS]"] = 1
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+                                  pad_token="[PAD]", eos_token="[EOS]", bos_token="[BOS]", unk_token="[UNK]")
+    from datasets import Dataset
+
+    data = TinyTokenDataset(n=32)
+    ds = Dataset.from_list([{"input_ids": x["input_ids"].tolist()} for x in data.items])
+    with pytest.raises(ValueError, match="packing"):
+        DPSFTTrainer(model=tiny_lora_model("llama"), args=SFTConfig(output_dir=str(tmp_path), packing=True,
+                     use_cpu=True, report_to=[]), train_dataset=ds, processing_class=tok,
+                     dp_config=DPConfig(noise_multiplier=1.0))
+    # SFTConfig turns activation checkpointing on by default; Opacus hooks and torch.func are not exact with it
+    with pytest.raises(ValueError, match="checkpointing"):
+        DPSFTTrainer(model=tiny_lora_model("llama"), args=SFTConfig(output_dir=str(tmp_path), use_cpu=True,
+                     report_to=[]), train_dataset=ds, processing_class=tok,
+                     dp_config=DPConfig(noise_multiplier=1.0, per_sample_method="hooks"))
+    cfg = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, logging_steps=1,
+                    report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, max_length=32,
+                    learning_rate=0.05, activation_checkpointing=False, gradient_checkpointing=False)
+    trainer = DPSFTTrainer(model=tiny_lora_model("llama"), args=cfg, train_dataset=ds, processing_class=tok,
+                           dp_config=DPConfig(noise_multiplier=1.0, noise_seed=0))
+    trainer.train()
+    assert trainer._dp_loss_type == "causal_lm" and trainer.dp_method_used in ("vmap", "hooks")
+    assert "epsilon" in trainer.state.log_history[-1]
+    assert trainer.get_epsilon() == pytest.approx(compute_epsilon(1.0, 4 / 32, 2, 1e-5), rel=1e-9)
+
+
+def test_hooks_with_checkpointing_would_be_wrong_so_auto_uses_loop(tmp_path):
+    """Why checkpointing is refused: Opacus hooks see the recomputed forward and return wrong per-example grads."""
+    from opacus import GradSampleModule
+
+    from hf_svd_plugins.dp.per_sample import hooks_per_sample_grads, loop_per_sample_grads
+
+    model = _lora_b_nonzero(tiny_lora_model("llama")).double().train()
+    batch = pad_collate([TinyTokenDataset(n=4)[i] for i in range(4)])
+    params = trainable_parameters(model)
+    ref, _ = loop_per_sample_grads(model, params, batch, "causal_lm")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    got, _ = hooks_per_sample_grads(gsm, params, batch, "causal_lm")
+    gsm._close()
+    assert max((got[n] - ref[n]).abs().max().item() for n in params) > 1e-3
+    looped, _ = loop_per_sample_grads(model, params, batch, "causal_lm")  # the loop stays exact
+    for n in params:
+        torch.testing.assert_close(looped[n], ref[n])
+    with pytest.warns(UserWarning, match="checkpointing"):
+        trainer = _trainer(tmp_path, max_steps=1, gradient_checkpointing=True, activation_checkpointing=True)
+        trainer.train()
+    assert trainer.dp_method_used == "loop"
+
+
+def test_shuffled_fixed_batches_without_poisson(tmp_path):
+    """poisson_sampling=False: the Trainer's own shuffled batches of exactly B; accounting uses q = B / N."""
+    trainer = _trainer(tmp_path, max_steps=2, learning_rate=0.05,
+                       dp=DPConfig(noise_multiplier=1.0, poisson_sampling=False, noise_seed=0))
+    assert not isinstance(trainer.get_train_dataloader().batch_sampler, PoissonBatchSampler)
+    trainer.train()
+    assert trainer.accountant.history == [(1.0, 4 / 32, 2)]
