@@ -1,6 +1,7 @@
 """hf_svd_plugins: SVD-centred research methods as Hugging Face Trainer plugins."""
 
+from hf_svd_plugins.dp import DPConfig, DPMixin, DPTrainer
 from hf_svd_plugins.eva import EvaCallback, EvaConfig, eva_init
 from hf_svd_plugins.fedsvd import FedSVDCallback
 
-__all__ = ["EvaCallback", "EvaConfig", "FedSVDCallback", "eva_init"]
+__all__ = ["DPConfig", "DPMixin", "DPTrainer", "EvaCallback", "EvaConfig", "FedSVDCallback", "eva_init"]
