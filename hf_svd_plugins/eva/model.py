@@ -192,6 +192,9 @@ class _InputCollector:
         self.stream_of: dict[str, str] | None = None  # None while fingerprinting the first batch
         self.active: set[str] = set()
         self.batch_stats: dict[str, ActivationStats] = {}
+        # Single process: fold each layer's batch statistics into the running ones inside the hook, so one batch's
+        # d x d products are never all alive at once. Distributed runs keep them until the per-batch all-reduce.
+        self.fold_into: dict[str, ActivationStats] | None = None
         self.fingerprints: dict[str, torch.Tensor] = {}
         self._probe: torch.Tensor | None = None
         self._handles = []
@@ -219,6 +222,9 @@ class _InputCollector:
             return
         stream = self.stream_of[name]
         if stream != name or stream not in self.active:
+            return
+        if self.fold_into is not None:
+            self.fold_into[stream].add_(ActivationStats.of(rows, self.product_dtype))
             return
         self.batch_stats[name] = ActivationStats.of(rows, self.product_dtype)
 
@@ -275,14 +281,18 @@ def compute_eva(
                             members.setdefault(stream, []).append(name)
                         collector.active = set(members)
                         collector.batch_stats = {s: collector.batch_stats[s] for s in members}
+                        if not is_distributed():
+                            collector.fold_into = stats
                     for stream in sorted(collector.active):
-                        local = collector.batch_stats.get(stream)
-                        if local is None:
-                            dim = next(p.in_features for p in pairs if p.name == stream)
-                            local = ActivationStats.zeros(dim)
-                        batch_total = _all_reduce_stats(ActivationStats(
-                            local.count.cpu(), local.total.cpu(), local.gram.cpu()))
-                        stats.setdefault(stream, ActivationStats.zeros(batch_total.total.shape[0])).add_(batch_total)
+                        if collector.fold_into is None or stream not in stats:
+                            local = collector.batch_stats.get(stream)
+                            if local is None:
+                                dim = next(p.in_features for p in pairs if p.name == stream)
+                                local = ActivationStats.zeros(dim)
+                            batch_total = _all_reduce_stats(ActivationStats(
+                                local.count.cpu(), local.total.cpu(), local.gram.cpu()))
+                            stats.setdefault(stream, ActivationStats.zeros(batch_total.total.shape[0]))
+                            stats[stream].add_(batch_total)
                         k = max(r_max[m] for m in members[stream])
                         previous = components.get(stream)
                         # Between batches a few warm-started iterations track the estimate (it only has to stop
