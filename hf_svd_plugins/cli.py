@@ -1,6 +1,6 @@
 """``hf-svd``: command-line entry point.
 
-    hf-svd demo [--steps 60] [--output-dir hf_svd_demo]
+    hf-svd demo [--steps 150] [--output-dir hf_svd_demo]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-svd", description="SVD-centred plugins for the Hugging Face Trainer")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="EVA vs default LoRA init on packaged MiniLM and real reviews (offline)")
-    demo.add_argument("--steps", type=int, default=60)
+    demo.add_argument("--steps", type=int, default=150)
     demo.add_argument("--r", type=int, default=8)
     demo.add_argument("--output-dir", default="hf_svd_demo")
     args = parser.parse_args(argv)
