@@ -113,6 +113,11 @@ def find_lora_pairs(model: nn.Module, adapter_name: str | None = None) -> list[L
         if not isinstance(module.lora_A[adapter_name], nn.Linear):
             continue
         pairs.append(LoraPair(name=base_module_name(name), module=module, adapter=adapter_name))
+    if pairs and is_fsdp_sharded(pairs[0].A):
+        raise NotImplementedError(
+            "LoRA weights sharded by FSDP are not supported by hf_svd_plugins yet; use DeepSpeed ZeRO-3 "
+            "(accelerate_configs/deepspeed_zero3.yaml) or DDP, which are supported and tested"
+        )
     return pairs
 
 
@@ -125,6 +130,13 @@ def is_distributed() -> bool:
 
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
+
+
+def is_fsdp_sharded(param: torch.Tensor) -> bool:
+    """True for a parameter managed by FSDP (a DTensor under FSDP2, a flattened view under FSDP1)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor) or hasattr(param, "_fsdp_flattened") or type(param).__name__ == "FlatParameter"
 
 
 def is_zero3_param(param: torch.Tensor) -> bool:
