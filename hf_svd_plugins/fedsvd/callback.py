@@ -17,6 +17,7 @@ from transformers.trainer_callback import ExportableState
 
 from hf_svd_plugins.fedsvd.core import refactorize
 from hf_svd_plugins.lora import LoraPair, assign_lora_weights, find_lora_pairs, read_lora_weights
+from hf_svd_plugins.trainer_utils import log_to_trainer
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +133,8 @@ class FedSVDCallback(TrainerCallback, ExportableState):
         freeze_a: FFA-LoRA, train only ``B``. A is frozen in ``on_init_end`` (before the Trainer wraps the model);
             if the callback is added later, call :func:`freeze_lora_A` yourself before ``Trainer(...)``.
         log_top_singular_values: log this many top singular values per module (``fedsvd/<module>/sigma_<i>``), in the
-            next Trainer log after a refactorization (and in ``state.log_history``); 0 logs only the counters.
+            Trainer log at each refactorization step (every integration and ``state.log_history``); 0 logs only
+            the counters.
         adapter_name: the LoRA adapter (default: the active one).
 
     State: ``n_refactorizations`` and ``last_step`` are exported with the Trainer state; on resume without
@@ -168,7 +170,6 @@ class FedSVDCallback(TrainerCallback, ExportableState):
         self.adapter_name = adapter_name
         self.n_refactorizations = 0
         self.last_step = -1
-        self._pending_logs: dict[str, float] = {}
         self._warned_reset_all = False
 
     # ------------------------------------------------------------------ state
@@ -238,12 +239,5 @@ class FedSVDCallback(TrainerCallback, ExportableState):
             for name, s in spectrum.items():
                 for i, v in enumerate(s[:top].tolist()):
                     logs[f"fedsvd/{name}/sigma_{i}"] = float(v)
-        self._pending_logs = logs
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self._pending_logs or logs is None:
-            return
-        logs.update(self._pending_logs)
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(self._pending_logs)
-        self._pending_logs = {}
+        # Through Trainer.log, so every reporting integration (TensorBoard, W&B) and log_history see it.
+        log_to_trainer(logs)
