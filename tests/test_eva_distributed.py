@@ -23,8 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "distributed", "eva_train.py")
 N_EVA_BATCHES = 3
 LAUNCH = {
-    "ddp": ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no"],
+    "ddp": ["--config_file", os.path.join(ROOT, "accelerate_configs", "cpu_ddp_2proc.yaml")],
     "zero2": ["--config_file", os.path.join(ROOT, "accelerate_configs", "deepspeed_zero2.yaml")],
     "zero3": ["--config_file", os.path.join(ROOT, "accelerate_configs", "deepspeed_zero3.yaml")],
 }
