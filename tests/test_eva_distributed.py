@@ -1,4 +1,5 @@
-"""EVA under real multi-process runs (`accelerate launch`, 2 CPU processes over gloo): DDP, DeepSpeed ZeRO-2, ZeRO-3.
+"""EVA under real multi-process runs (`accelerate launch`, 2 CPU processes over gloo): DDP, DeepSpeed ZeRO-2, ZeRO-3
+and ZeRO-3 with the optimizer offloaded to CPU, each through the shipped config in accelerate_configs/.
 
 Checks: every rank ends with identical LoRA weights and EVA ranks; unused ranks are still exactly zero after training;
 training ran to the end; and EVA's A equals a single-process EVA over the batches *both* ranks read (activations from
@@ -26,6 +27,7 @@ LAUNCH = {
     "ddp": ["--config_file", os.path.join(ROOT, "accelerate_configs", "cpu_ddp_2proc.yaml")],
     "zero2": ["--config_file", os.path.join(ROOT, "accelerate_configs", "deepspeed_zero2.yaml")],
     "zero3": ["--config_file", os.path.join(ROOT, "accelerate_configs", "deepspeed_zero3.yaml")],
+    "zero3_offload": ["--config_file", os.path.join(ROOT, "accelerate_configs", "deepspeed_zero3_offload.yaml")],
 }
 
 
@@ -40,7 +42,7 @@ def launch(mode: str, out: str) -> None:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
 
-@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3", "zero3_offload"])
 def test_eva_in_a_real_two_process_run(mode, tmp_path):
     launch(mode, str(tmp_path))
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
