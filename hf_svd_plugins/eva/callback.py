@@ -15,10 +15,10 @@ from hf_svd_plugins.eva.model import (
     EvaResult,
     SavedRankLayout,
     apply_masked,
-    base_rank_and_alpha,
     compute_eva,
     eva_pairs,
     grow_to_max_rank,
+    max_rank,
     update_saved_layout,
     zero_unused_ranks,
 )
@@ -146,12 +146,10 @@ class EvaCallback(TrainerCallback, ExportableState):
         pairs = eva_pairs(peft_model, self.config)
         existing = getattr(peft_model, "_hf_svd_eva_layout", None)
         if existing is None and allow_growth:
-            widths = grow_to_max_rank(peft_model, pairs, self.config)
+            grow_to_max_rank(peft_model, pairs, self.config)
             pairs = eva_pairs(peft_model, self.config)
         widths = {p.name: full_shape(p.A)[0] for p in pairs}
-        needed = {p.name: min(self.config.max_components(base_rank_and_alpha(peft_model, p)[0]), p.in_features)
-                  for p in pairs}
-        if any(widths[n] < needed[n] for n in widths):
+        if any(widths[p.name] < max_rank(peft_model, p, self.config) for p in pairs):
             raise ValueError(
                 f"EvaCallback(rho={self.config.rho}) must widen LoRA layers before the optimizer is built: "
                 "pass it to the Trainer constructor (`Trainer(..., callbacks=[EvaCallback(...)])`) instead "

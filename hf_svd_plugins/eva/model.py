@@ -115,6 +115,11 @@ def base_rank_and_alpha(model: nn.Module, pair: LoraPair) -> tuple[int, float]:
     return int(r), float(alpha)
 
 
+def max_rank(model: nn.Module, pair: LoraPair, config: EvaConfig) -> int:
+    """``r_max`` of a module: ``round(rho * r)`` of its configured rank, capped at its input width."""
+    return min(config.max_components(base_rank_and_alpha(model, pair)[0]), pair.in_features)
+
+
 def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
@@ -245,7 +250,7 @@ def compute_eva(
     pairs = pairs if pairs is not None else eva_pairs(peft_model, config)
     use_rslora = bool(getattr(peft_model.peft_config[pairs[0].adapter], "use_rslora", False))
     base = {p.name: base_rank_and_alpha(peft_model, p) for p in pairs}
-    r_max = {p.name: min(config.max_components(base[p.name][0]), p.in_features) for p in pairs}
+    r_max = {p.name: max_rank(peft_model, p, config) for p in pairs}
     budget = sum(r for r, _ in base.values())
     device = next(p for p in peft_model.parameters()).device
 
@@ -375,17 +380,15 @@ def _allocate(components: dict[str, Components], members: dict[str, list[str]], 
 # ------------------------------------------------------------------------------------------------ writing back
 
 
-def grow_to_max_rank(model: nn.Module, pairs: list[LoraPair], config: EvaConfig) -> dict[str, int]:
+def grow_to_max_rank(model: nn.Module, pairs: list[LoraPair], config: EvaConfig) -> None:
     """Give every LoRA layer ``r_max = round(rho * r)`` ranks (same scale ``alpha / r``) so EVA can redistribute
-    ranks later without changing shapes. Call before the optimizer exists. Returns ``{module: r_max}``."""
+    ranks later without changing shapes. Call before the optimizer exists."""
     from copy import copy
 
     peft_model = get_peft_model(model)
-    widths = {}
     for pair in pairs:
         r0, alpha0 = base_rank_and_alpha(peft_model, pair)
-        r_max = min(config.max_components(r0), pair.in_features)
-        widths[pair.name] = r_max
+        r_max = max_rank(peft_model, pair, config)
         if pair.r == r_max:
             continue
         layer_config = copy(peft_model.peft_config[pair.adapter])
@@ -394,7 +397,6 @@ def grow_to_max_rank(model: nn.Module, pairs: list[LoraPair], config: EvaConfig)
         s0 = lora_scale(alpha0, r0, use_rslora)
         alpha_max = s0 * (math.sqrt(r_max) if use_rslora else r_max)
         pair.module.update_layer(pair.adapter, r=r_max, lora_alpha=alpha_max, config=layer_config)
-    return widths
 
 
 @torch.no_grad()
