@@ -22,7 +22,7 @@ from hf_svd_plugins.eva.model import (
     update_saved_layout,
     zero_unused_ranks,
 )
-from hf_svd_plugins.lora import find_lora_pairs, full_shape, get_peft_model, is_zero3_param
+from hf_svd_plugins.lora import full_shape, get_peft_model, is_zero3_param
 from hf_svd_plugins.trainer_utils import log_to_trainer
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,7 @@ class EvaCallback(TrainerCallback, ExportableState):
         self.result: EvaResult | None = None
         self._layout: SavedRankLayout | None = None
         self._prepared_model_id: int | None = None
+        self._mask_pairs: list = []
 
     # -------------------------------------------------------------------------------- Trainer events
 
@@ -76,6 +77,8 @@ class EvaCallback(TrainerCallback, ExportableState):
             raise ValueError("EvaCallback needs the Trainer's model; is it attached to a transformers.Trainer?")
         self._prepare(model, allow_growth=False)
         pairs = eva_pairs(model, self.config)
+        # whole (non-ZeRO-3) pairs, found once: on_step_end re-zeroes their unused ranks every step
+        self._mask_pairs = [p for p in pairs if not is_zero3_param(p.A)]
         if not self.done:
             self._restore_from_checkpoint_state(state)
         if self.done:
@@ -105,12 +108,12 @@ class EvaCallback(TrainerCallback, ExportableState):
         # Unused ranks get exactly zero gradient, so plain optimizers never move them. A trainer that adds
         # something to every gradient (DP-SGD noise) would; re-zeroing after the step is post-processing, so it
         # costs no privacy. ZeRO-3 shards are skipped: checking them would need a gather every step.
-        if not self.done or model is None or not self.ranks:
+        if not self.done or not self.ranks:
             return
         with torch.no_grad():
-            for pair in find_lora_pairs(model, self.config.adapter_name):
+            for pair in self._mask_pairs:
                 r_m = self.ranks.get(pair.name)
-                if r_m is None or is_zero3_param(pair.A):
+                if r_m is None:
                     continue
                 pair.A[r_m:].zero_()
                 pair.B[:, r_m:].zero_()
