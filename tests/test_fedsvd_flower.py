@@ -13,14 +13,17 @@ from tiny import TinyTokenDataset, pad_collate, tiny_lora_model
 
 pytest.importorskip("flwr")
 
-from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from hf_svd_plugins.fedsvd import Federation  # noqa: E402
+from hf_svd_plugins.fedsvd.federation import set_trainable_for_method, trainable_extra_names  # noqa: E402
 from hf_svd_plugins.fedsvd.flower import (  # noqa: E402
+    CLIENT_STATE_KEY,
     FedSVD,
     arrayrecord_to_lora,
     client_train,
+    load_client_state,
     lora_to_arrayrecord,
     make_client_app,
     make_server_app,
@@ -185,3 +188,110 @@ def test_flower_simulation_runs_with_ray(tmp_path):
     fed.run(2)
     for n, (a, b) in fed.global_weights.items():
         torch.testing.assert_close(state[f"lora::{n}::B"] @ state[f"lora::{n}::A"], b @ a, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------- DP clients
+
+DP_TRAIN = {**TRAIN, "max_grad_norm": 0.0}
+Q = 8 / 32  # expected batch / shard size of the DP clients below
+
+
+def _dp_config(**kw):
+    dp = pytest.importorskip("hf_svd_plugins.dp")
+    return dp.DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, target_delta=1e-3, noise_seed=0, accountant="rdp",
+                       per_sample_method="vmap", **kw)  # fmt: skip
+
+
+def _dp_model_fn():
+    return tiny_lora_model("bert", r=4)
+
+
+def _dp_dataset_fn(pid: int, n: int):
+    return TinyTokenDataset(n=32, kind="cls", seed=pid + 1)
+
+
+def _dp_client_app(tmp_path, config):
+    from hf_svd_plugins.dp import DPTrainer
+
+    return make_client_app(
+        _dp_model_fn, _dp_dataset_fn, local_steps=2, training_args=DP_TRAIN, data_collator=pad_collate,
+        trainer_cls=DPTrainer, trainer_kwargs={"dp_config": config}, output_dir=str(tmp_path / "clients"),
+    )  # fmt: skip
+
+
+def _train_message(arrays, rnd: int, node: int) -> Message:
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": rnd, "fedsvd-method": "fedsvd"})})
+    meta = Metadata(
+        run_id=1, message_id=f"r{rnd}n{node}", src_node_id=0, dst_node_id=node, reply_to_message_id="",
+        group_id=str(rnd), created_at=time.time(), ttl=600.0, message_type="train",
+    )  # fmt: skip
+    return Message(content=content, metadata=meta)
+
+
+def _node_context(pid: int, n: int) -> Context:
+    return Context(run_id=1, node_id=pid + 1, node_config={"partition-id": pid, "num-partitions": n},
+                   state=RecordDict(), run_config={})  # fmt: skip
+
+
+def _initial_arrays():
+    """What the ServerApp sends first: the fresh adapter of ``_dp_model_fn()`` plus its classifier head."""
+    model = _dp_model_fn()
+    pairs = find_lora_pairs(model)
+    set_trainable_for_method(pairs, "fedsvd")
+    params = dict(model.named_parameters())
+    extra = {n: params[n].detach() for n in trainable_extra_names(model, pairs)}
+    return lora_to_arrayrecord(read_lora_weights(pairs), extra)
+
+
+def test_flower_dp_client_accountant_composes_across_rounds(tmp_path):
+    """The ClientApp keeps each node's accountant in context.state: epsilon after round 2 is that of 4 steps."""
+    from hf_svd_plugins.dp import compute_epsilon
+
+    app = _dp_client_app(tmp_path, _dp_config())
+    contexts = [_node_context(pid, 2) for pid in (0, 1)]
+    strategy = FedSVD(method="fedsvd", min_train_nodes=1, min_available_nodes=1)
+    arrays = _initial_arrays()
+    for rnd in (1, 2):
+        strategy.set_global(arrays)
+        replies = [app(_train_message(arrays, rnd, pid + 1), ctx) for pid, ctx in enumerate(contexts)]
+        assert not any(r.has_error() for r in replies), [r.error for r in replies if r.has_error()]
+        # independent reference: the RDP accountant on the composed history, 2 steps per round so far
+        expected = compute_epsilon(1.0, Q, 2 * rnd, 1e-3, accountant="rdp")
+        for pid, (reply, ctx) in enumerate(zip(replies, contexts, strict=True)):
+            metrics = reply.content["metrics"]
+            assert metrics["partition-id"] == pid
+            assert metrics["epsilon"] == pytest.approx(expected, rel=1e-6)
+            assert sum(n for _, _, n in load_client_state(ctx.state)["accountant"]["history"]) == 2 * rnd
+        arrays, agg = strategy.aggregate_train(rnd, replies)
+        # per-client metrics are not averaged; the strategy logs them per client and the max
+        assert "epsilon" not in agg and "partition-id" not in agg
+        assert agg["epsilon-max"] == pytest.approx(expected, rel=1e-6)
+        assert strategy.client_epsilons[rnd] == {str(p): r.content["metrics"]["epsilon"] for p, r in enumerate(replies)}
+    assert strategy.client_epsilons[2]["0"] > strategy.client_epsilons[1]["0"]
+    assert CLIENT_STATE_KEY in contexts[0].state.config_records
+
+    # a node's state is its own: a fresh node starts from an empty history
+    fresh = app(_train_message(arrays, 3, 9), _node_context(0, 2))
+    assert fresh.content["metrics"]["epsilon"] == pytest.approx(compute_epsilon(1.0, Q, 2, 1e-3, "rdp"), rel=1e-6)
+
+
+def test_flower_dp_client_stops_when_budget_is_spent(tmp_path):
+    """max_epsilon = one round's epsilon: round 1 trains, round 2 replies with an error the strategy skips."""
+    from hf_svd_plugins.dp import compute_epsilon
+
+    budget = compute_epsilon(1.0, Q, 2, 1e-3, accountant="rdp") * 1.0001
+    app = _dp_client_app(tmp_path, _dp_config(max_epsilon=budget))
+    ctx = _node_context(0, 1)
+    strategy = FedSVD(method="fedsvd", min_train_nodes=1, min_available_nodes=1)
+    arrays = _initial_arrays()
+    strategy.set_global(arrays)
+    first = app(_train_message(arrays, 1, 1), ctx)
+    assert not first.has_error() and first.content["metrics"]["epsilon"] <= budget
+    arrays, _ = strategy.aggregate_train(1, [first])
+    strategy.set_global(arrays)
+    second = app(_train_message(arrays, 2, 1), ctx)
+    assert second.has_error() and "took no optimizer step" in second.error.reason
+    # the strategy skips error replies: no new arrays, Flower keeps the previous global adapter
+    assert strategy.aggregate_train(2, [second]) == (None, None)
+    # the state survived the failed round (written back in the handler's finally) and no step was added
+    assert sum(n for _, _, n in load_client_state(ctx.state)["accountant"]["history"]) == 2

@@ -7,6 +7,10 @@ module, plus averaged extra parameters such as a classifier head) in one ``Array
 
 Key layout of the ``ArrayRecord``: ``"lora::<module>::A"``, ``"lora::<module>::B"``, ``"extra::<param>"``.
 
+DP clients (``trainer_cls=DPTrainer``): what a client keeps between rounds (its ``PrivacyAccountant`` history) lives in
+Flower's per-node ``context.state`` under :data:`CLIENT_STATE_KEY`, so a client's epsilon composes over every round it
+took part in. Replies carry ``epsilon``; the strategy logs the largest client epsilon so far as ``epsilon-max``.
+
 Run under the simulation engine (Ray)::
 
     from flwr.simulation import run_simulation
@@ -23,17 +27,20 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from safetensors.torch import save_file
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from hf_svd_plugins.fedsvd.core import aggregate_lora, aggregate_weighted, check_method, is_finite_update, trains_a
 from hf_svd_plugins.fedsvd.federation import (
+    _quiet,
     client_seed,
+    load_lora_state,
     set_trainable_for_method,
     train_lora_client,
     trainable_extra_names,
@@ -43,13 +50,22 @@ from hf_svd_plugins.lora import find_lora_pairs, read_lora_weights
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CLIENT_STATE_KEY",
     "FedSVD",
     "arrayrecord_to_lora",
     "client_train",
+    "load_client_state",
     "lora_to_arrayrecord",
     "make_client_app",
+    "make_evaluate_fn",
     "make_server_app",
+    "save_client_state",
 ]
+
+#: ``context.state`` key of the ``ConfigRecord`` holding a client's state between rounds (``{"json": "<json>"}``).
+CLIENT_STATE_KEY = "fedsvd-client-state"
+#: Reply metrics that describe one client and are not averaged across clients by the strategy.
+PER_CLIENT_METRICS = ("partition-id", "epsilon")
 
 LoraWeights = dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
 
@@ -98,6 +114,10 @@ class FedSVD(FedAvg):
     (``configure_train``), averages B by example counts, and for ``fedsvd`` refactorizes ``B_avg @ A``; the returned
     arrays carry the new A and B. Client replies with NaN/Inf are dropped with a warning; a rank mismatch raises.
 
+    Replies' ``partition-id`` and ``epsilon`` metrics are per client, not averaged: the epsilons go to
+    ``client_epsilons[round][partition_id]`` (rejected replies included: their privacy is spent too), and the
+    aggregated metrics carry ``epsilon-max``, the largest latest epsilon of any client so far.
+
     Args:
         method: ``"fedsvd"``, ``"ffa_lora"`` or ``"fedavg_lora"``.
         **kwargs: ``FedAvg`` arguments (``fraction_train``, ``min_train_nodes``, ``min_available_nodes``, ...).
@@ -109,6 +129,7 @@ class FedSVD(FedAvg):
         self.global_weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.global_extra: dict[str, torch.Tensor] = {}
         self.rejected: dict[int, list[int]] = {}
+        self.client_epsilons: dict[int, dict[str, float]] = {}
 
     def summary(self) -> None:
         logger.info("FedSVD strategy, method=%s", self.method)
@@ -140,9 +161,12 @@ class FedSVD(FedAvg):
             raise ValueError("aggregate before configure_train: call set_global(initial_arrays) first")
         updates, extras, counts, kept = [], [], [], []
         rejected = []
+        epsilons: dict[str, float] = {}
         for i, content in enumerate(contents):
             arrays = next(iter(content.array_records.values()))
             metrics = next(iter(content.metric_records.values()))
+            if "epsilon" in metrics:
+                epsilons[str(int(metrics.get("partition-id", i)))] = float(metrics["epsilon"])  # type: ignore[arg-type]
             weights, extra = arrayrecord_to_lora(arrays)
             if not (is_finite_update(weights) and is_finite_update(extra)):
                 logger.warning("round %d: reply %d has NaN/Inf weights; rejected", server_round, i)
@@ -151,8 +175,10 @@ class FedSVD(FedAvg):
             updates.append(weights)
             extras.append(extra)
             counts.append(float(metrics[self.weighted_by_key]))
-            kept.append(content)
+            kept.append(_without_per_client_metrics(content))
         self.rejected[server_round] = rejected
+        if epsilons:
+            self.client_epsilons[server_round] = epsilons
         if not updates:
             logger.warning("round %d: no usable client update; the global adapter is unchanged", server_round)
             return None, None
@@ -162,10 +188,19 @@ class FedSVD(FedAvg):
         metrics = self.train_metrics_aggr_fn(kept, self.weighted_by_key)
         metrics[self.weighted_by_key] = int(sum(counts))
         metrics["rejected-replies"] = len(rejected)
+        if self.client_epsilons:
+            metrics["epsilon-max"] = max(self.latest_client_epsilons().values())
         if spectrum:
             tops = [float(s[0]) for s in spectrum.values() if s.numel()]
             metrics["sigma-max-mean"] = sum(tops) / max(1, len(tops))
         return lora_to_arrayrecord(new, extra_avg), metrics
+
+    def latest_client_epsilons(self) -> dict[str, float]:
+        """``{partition id: epsilon}``: each client's epsilon from its latest reply (its privacy spent so far)."""
+        latest: dict[str, float] = {}
+        for rnd in sorted(self.client_epsilons):
+            latest.update(self.client_epsilons[rnd])
+        return latest
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -176,7 +211,29 @@ class FedSVD(FedAvg):
         return self.aggregate_contents(server_round, [m.content for m in valid])
 
 
+def _without_per_client_metrics(content: RecordDict) -> RecordDict:
+    """A copy of ``content`` whose ``MetricRecord`` s lack :data:`PER_CLIENT_METRICS` (so they are not averaged)."""
+    out = RecordDict()
+    for key, record in content.items():
+        if isinstance(record, MetricRecord):
+            record = MetricRecord({k: v for k, v in record.items() if k not in PER_CLIENT_METRICS})
+        out[key] = record
+    return out
+
+
 # --------------------------------------------------------------------------------------------- client side
+
+
+def load_client_state(state: RecordDict) -> dict[str, Any]:
+    """The client state kept in Flower's ``context.state`` (empty dict if there is none yet)."""
+    if CLIENT_STATE_KEY not in state:
+        return {}
+    return json.loads(str(state.config_records[CLIENT_STATE_KEY]["json"]))
+
+
+def save_client_state(state: RecordDict, client_state: Mapping[str, Any]) -> None:
+    """Store ``client_state`` (JSON-serialisable, e.g. a DP accountant's ``state_dict()``) in ``context.state``."""
+    state[CLIENT_STATE_KEY] = ConfigRecord({"json": json.dumps(client_state)})
 
 
 def client_train(
@@ -193,11 +250,20 @@ def client_train(
     data_collator: Callable | None = None,
     trainer_cls: type | None = None,
     trainer_kwargs: Mapping[str, Any] | None = None,
+    client_state: dict[str, Any] | None = None,
 ) -> RecordDict:
     """A client's train handler without the Flower runtime: global arrays in, ``{"arrays", "metrics"}`` out.
 
     The method comes from the server's config (``fedsvd-method``) unless given. Seeds follow
     :class:`~hf_svd_plugins.fedsvd.Federation` (``seed + 1000 * (server_round - 1) + partition_id``).
+
+    ``client_state`` (updated in place, also when training raises) is passed to
+    :func:`~hf_svd_plugins.fedsvd.federation.train_lora_client`: with a DP trainer it carries the accountant history
+    between rounds. The reply metrics are ``num-examples``, ``train-loss``, ``partition-id`` and, with a DP trainer,
+    ``epsilon`` (privacy spent over all rounds in ``client_state``; this round alone if it is None).
+
+    Raises:
+        RuntimeError: if no optimizer step was taken (with a DP trainer: the budget ``max_epsilon`` is spent).
     """
     arrays = (
         content.array_records["arrays"]
@@ -208,6 +274,7 @@ def client_train(
     method = check_method(method or str(config.get("fedsvd-method", "fedsvd")))
     server_round = int(config.get("server-round", 1))
     weights, extra = arrayrecord_to_lora(arrays)
+    state = {} if client_state is None else client_state
     update, new_extra, loss = train_lora_client(
         model,
         dataset,
@@ -221,15 +288,14 @@ def client_train(
         data_collator=data_collator,
         trainer_cls=trainer_cls or Trainer,
         trainer_kwargs=trainer_kwargs,
+        client_state=state,
     )
     if not trains_a(method):
         update = {n: (None, b) for n, (_, b) in update.items()}
-    return RecordDict(
-        {
-            "arrays": lora_to_arrayrecord(update, new_extra),
-            "metrics": MetricRecord({"num-examples": len(dataset), "train-loss": float(loss)}),
-        }
-    )
+    metrics = MetricRecord({"num-examples": len(dataset), "train-loss": float(loss), "partition-id": partition_id})
+    if "epsilon" in state:
+        metrics["epsilon"] = float(state["epsilon"])
+    return RecordDict({"arrays": lora_to_arrayrecord(update, new_extra), "metrics": metrics})
 
 
 def make_client_app(
@@ -246,36 +312,104 @@ def make_client_app(
 ) -> ClientApp:
     """A Flower ``ClientApp`` whose ``train`` handler runs an HF Trainer (or ``trainer_cls``, e.g. a DP trainer) on B.
 
+    The handler loads the client's state from ``context.state[CLIENT_STATE_KEY]`` (persistent per node and run),
+    trains with :func:`client_train`, and writes the state back, also when training fails. A failing client (e.g. a
+    DP client whose ``max_epsilon`` is spent, so no step fits) replies with a Flower ``Error`` instead of raising,
+    because under the simulation engine a raising handler's ``context`` changes are discarded; the strategy skips
+    error replies.
+
     Args:
         model_fn: builds the PEFT LoRA model (called once per client process; weights come from the server).
         dataset_fn: ``(partition_id, num_partitions) -> dataset`` of this client (from ``context.node_config``).
         local_steps: optimizer steps per round.
+        seed: client Trainer seeds are ``seed + 1000 * (server_round - 1) + partition_id``.
+        training_args: extra ``TrainingArguments`` kwargs (not ``output_dir``/``max_steps``/``seed``).
+        data_collator: passed to every Trainer.
+        trainer_cls: the client Trainer class (default ``transformers.Trainer``), e.g.
+            ``hf_svd_plugins.dp.DPTrainer``.
+        trainer_kwargs: extra kwargs for ``trainer_cls``, e.g. ``{"dp_config": DPConfig(noise_multiplier=1.0,
+            max_epsilon=8.0)}``; ``max_epsilon`` then bounds the client's privacy over the whole federation.
+        output_dir: client scratch directories go to ``output_dir/client_<partition id>``.
     """
     app = ClientApp()
     cache: dict[str, nn.Module] = {}
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        if "model" not in cache:
-            cache["model"] = model_fn()
         pid = int(context.node_config.get("partition-id", 0))
         n = int(context.node_config.get("num-partitions", 1))
-        reply = client_train(
-            cache["model"],
-            msg.content,
-            dataset_fn(pid, n),
-            partition_id=pid,
-            local_steps=local_steps,
-            seed=seed,
-            output_dir=os.path.join(output_dir, f"client_{pid}"),
-            training_args=training_args,
-            data_collator=data_collator,
-            trainer_cls=trainer_cls,
-            trainer_kwargs=trainer_kwargs,
-        )
+        state = load_client_state(context.state)
+        try:
+            if "model" not in cache:
+                cache["model"] = model_fn()
+            reply = client_train(
+                cache["model"],
+                msg.content,
+                dataset_fn(pid, n),
+                partition_id=pid,
+                local_steps=local_steps,
+                seed=seed,
+                output_dir=os.path.join(output_dir, f"client_{pid}"),
+                training_args=training_args,
+                data_collator=data_collator,
+                trainer_cls=trainer_cls,
+                trainer_kwargs=trainer_kwargs,
+                client_state=state,
+            )
+        except Exception as exc:  # noqa: BLE001 - reply with an error so the state below is kept
+            logger.exception("client %d: training failed", pid)
+            reason = f"client {pid}: {type(exc).__name__}: {exc}"
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+        finally:
+            save_client_state(context.state, state)
         return Message(content=reply, reply_to=msg)
 
     return app
+
+
+def make_evaluate_fn(
+    model_fn: Callable[[], nn.Module],
+    eval_dataset: torch.utils.data.Dataset,
+    *,
+    data_collator: Callable | None = None,
+    compute_metrics: Callable | None = None,
+    training_args: Mapping[str, Any] | None = None,
+    output_dir: str = "fedsvd_flower_eval",
+) -> Callable[[int, ArrayRecord], MetricRecord]:
+    """A central ``evaluate_fn`` for :func:`make_server_app`: loads the global arrays into ``model_fn()`` (built once)
+    and runs ``Trainer.evaluate`` on ``eval_dataset``.
+
+    Args:
+        compute_metrics: e.g. :func:`hf_svd_plugins.fedsvd.accuracy_metrics` (adds ``eval_accuracy``).
+        training_args: ``TrainingArguments`` kwargs for evaluation (``per_device_eval_batch_size``, ``use_cpu``...).
+
+    Returns:
+        ``(server_round, arrays) -> MetricRecord`` of the numeric ``eval_*`` metrics (no timings).
+    """
+    cache: dict[str, nn.Module] = {}
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        if "model" not in cache:
+            cache["model"] = model_fn()
+        model = cache["model"]
+        weights, extra = arrayrecord_to_lora(arrays)
+        load_lora_state(model, find_lora_pairs(model), weights, extra)
+        kwargs: dict[str, Any] = {"report_to": [], "disable_tqdm": True, **dict(training_args or {})}
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(output_dir=output_dir, **kwargs),
+            eval_dataset=eval_dataset,
+            data_collator=data_collator,
+            compute_metrics=compute_metrics,
+        )
+        _quiet(trainer)
+        metrics = trainer.evaluate()
+        skip = ("runtime", "per_second", "preparation_time")
+        return MetricRecord(
+            {k: float(v) for k, v in metrics.items() if k.startswith("eval_") and not any(x in k for x in skip)}
+        )
+
+    return evaluate
 
 
 def make_server_app(
@@ -292,7 +426,10 @@ def make_server_app(
     """A Flower ``ServerApp`` running :class:`FedSVD` from ``model_fn()``'s initial adapter for ``num_rounds``.
 
     If ``output_dir`` is set, the final adapter goes to ``final.safetensors`` (same keys as the ``ArrayRecord``) and
-    the per-round metrics to ``metrics.json`` there.
+    the per-round metrics to ``metrics.json`` there: ``train`` (aggregated client metrics, ``epsilon-max`` with DP
+    clients), ``server_eval`` (``evaluate_fn``'s results, round 0 = the initial adapter, see
+    :func:`make_evaluate_fn`), ``rejected`` (NaN/Inf replies) and ``client_epsilon`` (``{round: {partition id:
+    epsilon}}``).
     """
     check_method(method)
     app = ServerApp()
@@ -320,6 +457,7 @@ def make_server_app(
                 "train": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()},
                 "server_eval": {str(r): dict(m) for r, m in result.evaluate_metrics_serverapp.items()},
                 "rejected": {str(r): v for r, v in strategy.rejected.items()},
+                "client_epsilon": {str(r): e for r, e in strategy.client_epsilons.items()},
             }
             with open(os.path.join(output_dir, "metrics.json"), "w") as f:
                 json.dump(rows, f, indent=1, default=float)
