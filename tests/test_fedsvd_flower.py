@@ -295,3 +295,24 @@ def test_flower_dp_client_stops_when_budget_is_spent(tmp_path):
     assert strategy.aggregate_train(2, [second]) == (None, None)
     # the state survived the failed round (written back in the handler's finally) and no step was added
     assert sum(n for _, _, n in load_client_state(ctx.state)["accountant"]["history"]) == 2
+
+
+@pytest.mark.slow
+def test_flower_simulation_dp_clients_report_composed_epsilon(tmp_path):
+    """Under Ray, context.state survives between rounds: metrics.json carries each client's composed epsilon."""
+    from flwr.simulation import run_simulation
+
+    from hf_svd_plugins.dp import compute_epsilon
+
+    out = str(tmp_path / "server")
+    run_simulation(
+        server_app=make_server_app(_dp_model_fn, method="fedsvd", num_rounds=2, output_dir=out),
+        client_app=_dp_client_app(tmp_path, _dp_config()), num_supernodes=2,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}},
+    )  # fmt: skip
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    for rnd in (1, 2):
+        expected = compute_epsilon(1.0, Q, 2 * rnd, 1e-3, accountant="rdp")
+        assert metrics["client_epsilon"][str(rnd)] == pytest.approx({"0": expected, "1": expected}, rel=1e-6)
+        assert metrics["train"][str(rnd)]["epsilon-max"] == pytest.approx(expected, rel=1e-6)
