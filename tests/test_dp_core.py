@@ -211,6 +211,8 @@ def test_poisson_sample_rate_statistics():
         ({"noise_multiplier": 1.0, "accountant": "moments"}, "accountant"),
         ({"noise_multiplier": 1.0, "per_sample_method": "ghost"}, "per_sample_method"),
         ({"noise_multiplier": 1.0, "max_physical_batch_size": 0}, "max_physical_batch_size"),
+        ({"target_epsilon": 3.0, "total_steps": 0}, "total_steps"),
+        ({"target_epsilon": 3.0, "total_steps": 2.5}, "total_steps"),
     ],
 )
 def test_config_validation(kwargs, match):

@@ -351,3 +351,31 @@ def test_dp_clients_accountant_composes_across_rounds(tmp_path):
     assert capped.run(1)[0]["n_ok"] == 1
     with pytest.warns(UserWarning, match="took no optimizer step"), pytest.raises(RuntimeError, match="no usable"):
         capped.run(2)
+
+
+def test_dp_clients_target_epsilon_covers_the_whole_federation(tmp_path):
+    dp = pytest.importorskip("hf_svd_plugins.dp")
+    datasets = [TinyTokenDataset(n=32, kind="cls", seed=s) for s in (1, 2)]
+    config = dp.DPConfig(
+        target_epsilon=4.0, total_steps=3 * 2, max_grad_norm=1.0, target_delta=1e-3, noise_seed=0,
+        accountant="rdp", per_sample_method="vmap",
+    )  # fmt: skip
+    kw = dict(
+        client_datasets=datasets, method="fedsvd", local_steps=2, data_collator=pad_collate,
+        training_args={**TRAIN, "max_grad_norm": 0.0}, trainer_cls=dp.DPTrainer, trainer_kwargs={"dp_config": config},
+    )  # fmt: skip
+    rows = Federation(tiny_lora_model("bert", r=4), output_dir=str(tmp_path / "a"), **kw).run(3)
+    assert [row["n_ok"] for row in rows] == [2, 2, 2]  # the budget is not spent in round 1
+    # independent check: sigma calibrated by bisection on the RDP accountant, composed over all 3 rounds x 2 steps
+    lo, hi = 0.1, 20.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if dp.compute_epsilon(mid, 8 / 32, 6, 1e-3, accountant="rdp") <= 4.0 else (mid, hi)
+    final = dp.compute_epsilon(hi, 8 / 32, 6, 1e-3, accountant="rdp")
+    assert rows[-1]["epsilon_max"] == pytest.approx(final, rel=0.02)
+    assert rows[-1]["epsilon_max"] <= 4.0 * 1.01
+    assert rows[0]["epsilon_max"] < rows[1]["epsilon_max"] < rows[2]["epsilon_max"]
+
+    kw["trainer_kwargs"] = {"dp_config": dp.DPConfig(**{**config.to_dict(), "total_steps": None})}
+    with pytest.raises(ValueError, match="total_steps=rounds"):
+        Federation(tiny_lora_model("bert", r=4), output_dir=str(tmp_path / "b"), **kw)

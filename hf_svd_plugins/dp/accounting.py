@@ -6,6 +6,8 @@ History is Opacus' format, a list of ``(noise_multiplier, sample_rate, num_steps
 
 from __future__ import annotations
 
+import functools
+
 import math
 from collections.abc import Callable, Sequence
 
@@ -64,6 +66,7 @@ def compute_epsilon(
     return epsilon_of_history([(noise_multiplier, sample_rate, steps)], delta, accountant, eps_error)
 
 
+@functools.lru_cache(maxsize=256)  # federated clients calibrate the same plan every round
 def calibrate_noise_multiplier(
     target_epsilon: float,
     delta: float,

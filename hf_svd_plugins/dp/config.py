@@ -23,6 +23,10 @@ class DPConfig:
             and ``target_epsilon``. ``0`` means no noise (no privacy: epsilon is infinite), useful for debugging.
         target_epsilon: calibrate ``sigma`` so that the whole planned run (``max_steps`` or ``num_train_epochs``)
             spends exactly this epsilon at ``target_delta``, with the same accountant that reports epsilon.
+        total_steps: the number of optimizer steps the privacy budget covers, when one budget spans several Trainer
+            runs that share an accountant history (federated rounds: ``rounds x local_steps``, counting every round
+            a client may take part in). ``target_epsilon`` is calibrated, and ``max_epsilon`` checked, over this many
+            steps instead of this Trainer's ``max_steps``/epochs. ``None``: this Trainer's planned run.
         target_delta: the ``delta`` of ``(epsilon, delta)``-DP. Default ``min(1e-5, 1 / (10 N))`` with ``N`` the
             training set size; refused if ``>= 1 / N`` (that would allow leaking a whole example).
         accountant: ``"prv"`` (default, tight) or ``"rdp"`` (classic, looser); see
@@ -55,6 +59,7 @@ class DPConfig:
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
     target_delta: float | None = None
+    total_steps: int | None = None
     accountant: str = "prv"
     max_epsilon: float | None = None
     poisson_sampling: bool = True
@@ -86,6 +91,13 @@ class DPConfig:
             raise ValueError(f"target_epsilon={self.target_epsilon!r}: must be a finite number > 0")
         if self.target_delta is not None and not (0 < self.target_delta < 1):
             raise ValueError(f"target_delta={self.target_delta!r}: delta must be in (0, 1), typically << 1/N")
+        if self.total_steps is not None and (
+            isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1
+        ):
+            raise ValueError(
+                f"total_steps={self.total_steps!r}: must be an int >= 1 (e.g. rounds x local_steps), or None for "
+                "this Trainer's own run"
+            )
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant={self.accountant!r}: choose one of {sorted(ACCOUNTANTS)}")
         if self.max_epsilon is not None and (not _finite(self.max_epsilon) or self.max_epsilon <= 0):

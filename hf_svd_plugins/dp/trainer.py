@@ -238,6 +238,8 @@ class DPMixin:
 
     def _dp_planned_steps(self) -> int:
         args = self.args
+        if self.dp_config.total_steps is not None:
+            return int(self.dp_config.total_steps)
         if args.max_steps and args.max_steps > 0:
             return int(args.max_steps)
         if self.dp_config.poisson_sampling:

@@ -249,6 +249,13 @@ class Federation:
             if key in training_args:
                 raise ValueError(f"training_args must not set {key!r}; pass Federation({ours}=...) instead")
 
+        dp_config = (trainer_kwargs or {}).get("dp_config")
+        if getattr(dp_config, "target_epsilon", None) is not None and getattr(dp_config, "total_steps", None) is None:
+            raise ValueError(
+                "trainer_kwargs['dp_config'] has target_epsilon but no total_steps: sigma would be calibrated for a "
+                "single round's local_steps and the budget spent every round; set DPConfig(total_steps=rounds * "
+                "local_steps) so target_epsilon covers every round a client may take part in"
+            )
         self.model = model
         self.num_clients = num_clients
         self.client_fraction = float(client_fraction)
