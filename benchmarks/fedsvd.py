@@ -7,8 +7,12 @@ not imported). Clients get Dirichlet(alpha) non-IID shards by label; a fraction 
     python benchmarks/fedsvd.py                       # defaults below; prints a table, writes CSV/JSON/PNG to --out
     python benchmarks/fedsvd.py --rounds 4 --seeds 0   # a quick look
 
-Private variants (epsilon 6 and 3) need a DP client trainer (issue 3); pass ``--trainer module:Class`` once it exists
-(it is called like ``transformers.Trainer``); this script runs the non-private setting by default.
+Privacy levels (``--epsilons``, default ``inf 6 3``): ``inf`` is non-private; a finite epsilon makes every client a
+``DPTrainer`` (sample-level DP on its own shard, delta = min(1e-5, 1/(10 n_client))) whose sigma is calibrated so that
+the whole federation (``rounds x local_steps`` steps, as if the client took part in every round) spends at most
+epsilon; each client's accountant persists across rounds, so rows report the epsilon actually spent.
+
+    python benchmarks/fedsvd.py --epsilons 6 3 --out /tmp/fedsvd_bench   # only the private rows
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from __future__ import annotations
 import argparse
 import bz2
 import csv
-import importlib
 import io
 import json
 import logging
@@ -102,11 +105,23 @@ def build_model(args, seed: int) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
-def run_one(args, method: str, seed: int, train, test) -> list[dict]:
-    trainer_cls = None
-    if args.trainer:
-        module, _, name = args.trainer.partition(":")
-        trainer_cls = getattr(importlib.import_module(module), name)
+def run_one(args, method: str, seed: int, epsilon: float, train, test) -> list[dict]:
+    training_args = {
+        "per_device_train_batch_size": args.batch_size,
+        "per_device_eval_batch_size": 64,
+        "learning_rate": args.lr,
+        "lr_scheduler_type": "constant",
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+    }
+    private = {}
+    if np.isfinite(epsilon):
+        from hf_svd_plugins.dp import DPConfig, DPTrainer
+
+        config = DPConfig(target_epsilon=epsilon, total_steps=args.rounds * args.local_steps,
+                          max_grad_norm=args.max_grad_norm, per_sample_method="vmap")
+        private = {"trainer_cls": DPTrainer, "trainer_kwargs": {"dp_config": config}}
+        training_args["max_grad_norm"] = 0.0
     fed = Federation(
         build_model(args, seed),
         train,
@@ -119,19 +134,17 @@ def run_one(args, method: str, seed: int, train, test) -> list[dict]:
         eval_dataset=test,
         data_collator=collate,
         compute_metrics=accuracy_metrics,
-        training_args={
-            "per_device_train_batch_size": args.batch_size,
-            "per_device_eval_batch_size": 64,
-            "learning_rate": args.lr,
-            "lr_scheduler_type": "constant",
-            "use_cpu": True,
-            "dataloader_num_workers": 0,
-        },
-        **({"trainer_cls": trainer_cls} if trainer_cls else {}),
-        output_dir=os.path.join(args.out, f"{method}_seed{seed}"),
+        training_args=training_args,
+        **private,
+        output_dir=os.path.join(args.out, run_name(method, seed, epsilon)),
         seed=seed,
     )
     return fed.run(args.rounds, resume=not args.fresh)
+
+
+def run_name(method: str, seed: int, epsilon: float) -> str:
+    """Output sub-directory of one run (non-private runs keep the un-suffixed name of earlier versions)."""
+    return f"{method}_seed{seed}" + ("" if not np.isfinite(epsilon) else f"_eps{epsilon:g}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-size", type=int, default=400)
     p.add_argument("--max-length", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--trainer", default=None, help="client Trainer class as module:Class (e.g. a DP trainer)")
+    p.add_argument("--epsilons", nargs="+", type=float, default=[float("inf"), 6.0, 3.0],
+                   help="privacy levels; inf = non-private, else sample-level DP per client over the whole federation")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="DP: per-example clipping bound C")
     p.add_argument("--fresh", action="store_true", help="ignore existing server checkpoints in --out")
     p.add_argument("--out", default="outputs/fedsvd_benchmark")
     args = p.parse_args(argv)
@@ -167,58 +182,75 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    curves: dict[str, list[list[float]]] = {m: [] for m in args.methods}
-    for method in args.methods:
-        for seed in args.seeds:
-            t = time.time()
-            rows = run_one(args, method, seed, train, test)
-            curves[method].append([r["eval_accuracy"] for r in rows])
-            print(
-                f"{method:12s} seed {seed}: final acc {rows[-1]['eval_accuracy']:.4f} "
-                f"loss {rows[-1]['eval_loss']:.4f} ({time.time() - t:.0f} s)",
-                flush=True,
-            )
+    curves: dict[tuple[float, str], list[list[float]]] = {}
+    spent: dict[tuple[float, str], list[float]] = {}
+    for epsilon in args.epsilons:
+        for method in args.methods:
+            for seed in args.seeds:
+                t = time.time()
+                rows = run_one(args, method, seed, epsilon, train, test)
+                curves.setdefault((epsilon, method), []).append([r["eval_accuracy"] for r in rows])
+                spent.setdefault((epsilon, method), []).append(float(rows[-1].get("epsilon_max", float("inf"))))
+                print(
+                    f"eps {epsilon:g} {method:12s} seed {seed}: final acc {rows[-1]['eval_accuracy']:.4f} "
+                    f"loss {rows[-1]['eval_loss']:.4f} max client epsilon {spent[epsilon, method][-1]:.3f} "
+                    f"({time.time() - t:.0f} s)",
+                    flush=True,
+                )
 
-    summary = {}
+    summary = []
     lines = [
-        "| method | final accuracy (mean ± std over seeds) | best round accuracy (mean) | per seed |",
-        "|---|---|---|---|",
+        "| target epsilon | method | final accuracy (mean ± std over seeds) | best round accuracy (mean) | per seed "
+        "| max client epsilon spent |",
+        "|---|---|---|---|---|---|",
     ]
-    for method, cs in curves.items():
+    for (epsilon, method), cs in curves.items():
         acc = np.array(cs)
         final = acc[:, -1]
-        summary[method] = {"final_mean": float(final.mean()), "final_std": float(final.std()), "curves": cs}
+        summary.append({"epsilon": epsilon, "method": method, "final_mean": float(final.mean()),
+                        "final_std": float(final.std()), "curves": cs, "epsilon_spent": spent[epsilon, method]})
         lines.append(
-            f"| {method} | {final.mean():.4f} ± {final.std():.4f} | {acc.max(1).mean():.4f} | "
+            f"| {epsilon:g} | {method} | {final.mean():.4f} ± {final.std():.4f} | {acc.max(1).mean():.4f} | "
             + ", ".join(f"{x:.4f}" for x in final)
-            + " |"
+            + f" | {max(spent[epsilon, method]):.3f} |"
         )
     table = "\n".join(lines)
     print("\n" + table)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"args": vars(args), "results": summary}, f, indent=1)
+    plot_accuracy_per_round(curves, args)
+    return 0
+
+
+def plot_accuracy_per_round(curves: dict[tuple[float, str], list[list[float]]], args) -> None:
+    """One panel per privacy level: mean test accuracy per round, min-max band over seeds."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method, cs in curves.items():
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    epsilons = list(dict.fromkeys(e for e, _ in curves))
+    fig, axes = plt.subplots(1, len(epsilons), figsize=(5 * len(epsilons), 4), squeeze=False, sharey=True)
+    for ax, epsilon in zip(axes[0], epsilons, strict=True):
+        for (e, method), cs in curves.items():
+            if e != epsilon:
+                continue
             acc = np.array(cs)
             x = np.arange(1, acc.shape[1] + 1)
             ax.plot(x, acc.mean(0), label=method)
             ax.fill_between(x, acc.min(0), acc.max(0), alpha=0.2)
         ax.set_xlabel("round")
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"MiniLM + LoRA, Rotten Tomatoes, {args.clients} clients, Dir({args.alpha})")
+        ax.set_title("non-private" if not np.isfinite(epsilon) else f"epsilon = {epsilon:g}")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.out, "accuracy_per_round.png"), dpi=120)
-        print(f"plot: {os.path.join(args.out, 'accuracy_per_round.png')}")
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
-    return 0
+    axes[0][0].set_ylabel("test accuracy")
+    fig.suptitle(f"MiniLM + LoRA, Rotten Tomatoes, {args.clients} clients, Dir({args.alpha})")
+    fig.tight_layout()
+    path = os.path.join(args.out, "accuracy_per_round.png")
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":
