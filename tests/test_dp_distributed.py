@@ -1,6 +1,6 @@
 """Real 2-process CPU runs of DPTrainer under `accelerate launch` (DDP, and DeepSpeed ZeRO-2): both ranks end with
 identical parameters, the noise is added once (the run equals one process with the same logical batch), and epsilon
-is the same."""
+is the same; under DDP a run resumed from a step-2 checkpoint ends as the uninterrupted one."""
 
 from __future__ import annotations
 
@@ -23,21 +23,24 @@ SCRIPT = textwrap.dedent(
     from hf_svd_plugins.dp import DPConfig, DPTrainer
     from hf_svd_plugins.dp.per_sample import trainable_parameters
 
-    out_dir, per_device, ga = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    out_dir, per_device, ga, resume = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[5] == "resume"
     for method in sys.argv[4].split(","):
-        args = TrainingArguments(
-            output_dir=os.path.join(out_dir, method), per_device_train_batch_size=per_device, gradient_accumulation_steps=ga,
-            max_steps=3, learning_rate=0.05, optim="sgd", lr_scheduler_type="constant", report_to=[], use_cpu=True,
-            save_strategy="no", logging_steps=100, disable_tqdm=True, seed=0, max_grad_norm=0.0,
-        )
-        dp = DPConfig(noise_multiplier=1.0, max_grad_norm=0.5, noise_seed=0, per_sample_method=method)
-        trainer = DPTrainer(model=tiny_lora_model("llama"), args=args, train_dataset=TinyTokenDataset(n=32),
-                            data_collator=pad_collate, dp_config=dp)
-        trainer.train()
-        params = {{n: p.detach().clone() for n, p in trainable_parameters(trainer.model).items()}}
-        torch.save({{"params": params, "epsilon": trainer.get_epsilon(), "world": args.world_size,
-                     "history": trainer.accountant.history, "noise_state": trainer._dp_noise_generator.get_state()}},
-                   os.path.join(out_dir, f"rank{{args.process_index}}_{{method}}.pt"))
+        # the first run also saves checkpoint-2; with `resume`, a fresh trainer resumes from it ("<method>_resumed")
+        for run in [method] + ([method + "_resumed"] if resume else []):
+            args = TrainingArguments(
+                output_dir=os.path.join(out_dir, method), per_device_train_batch_size=per_device,
+                gradient_accumulation_steps=ga, max_steps=3, learning_rate=0.05, optim="sgd",
+                lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="steps" if resume else "no",
+                save_steps=2, logging_steps=100, disable_tqdm=True, seed=0, max_grad_norm=0.0,
+            )
+            dp = DPConfig(noise_multiplier=1.0, max_grad_norm=0.5, noise_seed=0, per_sample_method=method)
+            trainer = DPTrainer(model=tiny_lora_model("llama"), args=args, train_dataset=TinyTokenDataset(n=32),
+                                data_collator=pad_collate, dp_config=dp)
+            trainer.train(resume_from_checkpoint=os.path.join(out_dir, method, "checkpoint-2") if run != method else None)
+            params = {{n: p.detach().clone() for n, p in trainable_parameters(trainer.model).items()}}
+            torch.save({{"params": params, "epsilon": trainer.get_epsilon(), "world": args.world_size,
+                         "history": trainer.accountant.history, "noise_state": trainer._dp_noise_generator.get_state()}},
+                       os.path.join(out_dir, f"rank{{args.process_index}}_{{run}}.pt"))
     """
 )
 
@@ -67,7 +70,7 @@ def test_two_processes_match_single_process(tmp_path, mode):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCH[mode], str(script), str(tmp_path),
-           str(per_device), str(ga), ",".join(methods)]
+           str(per_device), str(ga), ",".join(methods), "resume" if mode == "ddp" else "no-resume"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     runs = {m: [torch.load(tmp_path / f"rank{r}_{m}.pt", weights_only=False) for r in (0, 1)] for m in methods}
@@ -77,6 +80,15 @@ def test_two_processes_match_single_process(tmp_path, mode):
             assert torch.equal(r0["params"][n], r1["params"][n]), n
         assert r0["epsilon"] == r1["epsilon"]
         assert torch.equal(r0["noise_state"], r1["noise_state"])
+    if mode == "ddp":
+        # stopped at step 2 and resumed under DDP: the same privacy spent, noise stream and parameters as uninterrupted
+        for m in methods:
+            for r in (0, 1):
+                resumed, whole = torch.load(tmp_path / f"rank{r}_{m}_resumed.pt", weights_only=False), runs[m][r]
+                assert resumed["history"] == whole["history"] and resumed["epsilon"] == whole["epsilon"]
+                assert torch.equal(resumed["noise_state"], whole["noise_state"])
+                for n, p in whole["params"].items():
+                    torch.testing.assert_close(resumed["params"][n], p, rtol=1e-6, atol=1e-7, msg=n)
 
     # One process, same logical batch and seeds: the same Poisson batches and the same noise, so the same parameters
     # up to float summation order, and the same epsilon.
