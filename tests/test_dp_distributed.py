@@ -1,4 +1,4 @@
-"""Real 2-process CPU runs of DPTrainer under `accelerate launch` (DDP, and DeepSpeed ZeRO-2): both ranks end with
+"""Real 2-process CPU runs of DPTrainer under `accelerate launch` (DDP, DeepSpeed ZeRO-1 and ZeRO-2): both ranks end with
 identical parameters, the noise is added once (the run equals one process with the same logical batch), and epsilon
 is the same; under DDP a run resumed from a step-2 checkpoint ends as the uninterrupted one."""
 
@@ -38,7 +38,9 @@ SCRIPT = textwrap.dedent(
                                 data_collator=pad_collate, dp_config=dp)
             trainer.train(resume_from_checkpoint=os.path.join(out_dir, method, "checkpoint-2") if run != method else None)
             params = {{n: p.detach().clone() for n, p in trainable_parameters(trainer.model).items()}}
+            plugin = trainer.accelerator.state.deepspeed_plugin
             torch.save({{"params": params, "epsilon": trainer.get_epsilon(), "world": args.world_size,
+                         "zero_stage": plugin.zero_stage if plugin is not None else None,
                          "history": trainer.accountant.history, "noise_state": trainer._dp_noise_generator.get_state()}},
                        os.path.join(out_dir, f"rank{{args.process_index}}_{{run}}.pt"))
     """
@@ -50,18 +52,21 @@ LAUNCH = {
     "ddp": ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
             "--dynamo_backend", "no"],
     "zero2": ["--config_file", os.path.join(REPO, "accelerate_configs", "deepspeed_zero2.yaml")],
+    "zero1": ["--use_deepspeed", "--zero_stage", "1", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--gradient_accumulation_steps", "1", "--offload_optimizer_device", "none",
+              "--offload_param_device", "none", "--zero3_init_flag", "false"],
 }  # fmt: skip
 # (per-device batch, gradient accumulation, per-sample methods): 2 x 2 x 2 ranks = 8 = 4 x 2 x 1 process. The
 # ZeRO-2 config fixes gradient accumulation to 1 (4 x 1 x 2 = 8 x 1 x 1); Opacus hooks are refused under DeepSpeed.
-SETUPS = {"ddp": (2, 2, ("vmap", "hooks")), "zero2": (4, 1, ("vmap",))}
+SETUPS = {"ddp": (2, 2, ("vmap", "hooks")), "zero2": (4, 1, ("vmap",)), "zero1": (4, 1, ("vmap", "loop"))}
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode", ["ddp", "zero2"])
+@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero1"])
 def test_two_processes_match_single_process(tmp_path, mode):
-    if mode == "zero2":
+    if mode.startswith("zero"):
         pytest.importorskip("deepspeed")
-        if not os.path.isfile(LAUNCH[mode][1]):
+        if mode == "zero2" and not os.path.isfile(LAUNCH[mode][1]):
             pytest.skip(f"{LAUNCH[mode][1]} not found")
     per_device, ga, methods = SETUPS[mode]
     tests_dir = os.path.join(REPO, "tests")
@@ -76,6 +81,7 @@ def test_two_processes_match_single_process(tmp_path, mode):
     runs = {m: [torch.load(tmp_path / f"rank{r}_{m}.pt", weights_only=False) for r in (0, 1)] for m in methods}
     for r0, r1 in runs.values():
         assert r0["world"] == r1["world"] == 2
+        assert r0["zero_stage"] == {"ddp": None, "zero2": 2, "zero1": 1}[mode]
         for n in r0["params"]:
             assert torch.equal(r0["params"][n], r1["params"][n]), n
         assert r0["epsilon"] == r1["epsilon"]
