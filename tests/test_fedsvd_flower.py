@@ -26,6 +26,7 @@ from hf_svd_plugins.fedsvd.flower import (  # noqa: E402
     load_client_state,
     lora_to_arrayrecord,
     make_client_app,
+    make_evaluate_fn,
     make_server_app,
 )
 from hf_svd_plugins.lora import find_lora_pairs, read_lora_weights  # noqa: E402
@@ -188,6 +189,43 @@ def test_flower_simulation_runs_with_ray(tmp_path):
     fed.run(2)
     for n, (a, b) in fed.global_weights.items():
         torch.testing.assert_close(state[f"lora::{n}::B"] @ state[f"lora::{n}::A"], b @ a, atol=1e-5, rtol=0)
+
+
+def test_evaluate_fn_matches_the_model_and_keeps_the_rng(tmp_path):
+    """Central evaluation of arrays == a direct forward pass of the model they came from; Flower's client sampling
+    (Python's global ``random``) is not reseeded by the evaluation Trainer."""
+    import random
+
+    from hf_svd_plugins.fedsvd import accuracy_metrics
+
+    source = tiny_lora_model("bert", r=4)
+    pairs = find_lora_pairs(source)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in source.parameters():
+            if p.requires_grad:  # LoRA A/B and the classifier head
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    params = dict(source.named_parameters())
+    extra = {n: params[n].detach() for n in trainable_extra_names(source, pairs)}
+    arrays = lora_to_arrayrecord(read_lora_weights(pairs), extra)
+    data = TinyTokenDataset(n=16, kind="cls", seed=4)
+    batch = pad_collate([data[i] for i in range(len(data))])
+    source.eval()
+    with torch.no_grad():
+        out = source(**batch)
+    evaluate = make_evaluate_fn(
+        lambda: tiny_lora_model("bert", r=4), data, data_collator=pad_collate, compute_metrics=accuracy_metrics,
+        training_args={"per_device_eval_batch_size": 64, "use_cpu": True}, output_dir=str(tmp_path),
+    )  # fmt: skip
+    random.seed(123)
+    metrics = evaluate(1, arrays)
+    after = random.random()
+    random.seed(123)
+    assert after == random.random()
+    assert metrics["eval_loss"] == pytest.approx(float(out.loss), rel=1e-5)
+    expected_acc = float((out.logits.argmax(-1) == batch["labels"]).float().mean())
+    assert metrics["eval_accuracy"] == pytest.approx(expected_acc)
+    assert set(metrics) == {"eval_loss", "eval_accuracy"}
 
 
 # --------------------------------------------------------------------------------------------- DP clients

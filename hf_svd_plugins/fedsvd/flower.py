@@ -23,9 +23,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -367,6 +370,22 @@ def make_client_app(
     return app
 
 
+@contextmanager
+def _global_rng_kept() -> Iterator[None]:
+    """Restore Python's, numpy's and torch's global RNG states afterwards.
+
+    ``Trainer()`` reseeds them all (``set_seed(args.seed)``), and Flower's strategies sample clients with Python's
+    ``random``: a server-side Trainer would otherwise make every round sample the same clients.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
 def make_evaluate_fn(
     model_fn: Callable[[], nn.Module],
     eval_dataset: torch.utils.data.Dataset,
@@ -377,7 +396,8 @@ def make_evaluate_fn(
     output_dir: str = "fedsvd_flower_eval",
 ) -> Callable[[int, ArrayRecord], MetricRecord]:
     """A central ``evaluate_fn`` for :func:`make_server_app`: loads the global arrays into ``model_fn()`` (built once)
-    and runs ``Trainer.evaluate`` on ``eval_dataset``.
+    and runs ``Trainer.evaluate`` on ``eval_dataset``. The server's global RNGs are left as they were (Flower samples
+    the clients of a round with Python's ``random``, which ``Trainer()`` would reseed).
 
     Args:
         compute_metrics: e.g. :func:`hf_svd_plugins.fedsvd.accuracy_metrics` (adds ``eval_accuracy``).
@@ -395,15 +415,16 @@ def make_evaluate_fn(
         weights, extra = arrayrecord_to_lora(arrays)
         load_lora_state(model, find_lora_pairs(model), weights, extra)
         kwargs: dict[str, Any] = {"report_to": [], "disable_tqdm": True, **dict(training_args or {})}
-        trainer = Trainer(
-            model=model,
-            args=TrainingArguments(output_dir=output_dir, **kwargs),
-            eval_dataset=eval_dataset,
-            data_collator=data_collator,
-            compute_metrics=compute_metrics,
-        )
-        _quiet(trainer)
-        metrics = trainer.evaluate()
+        with _global_rng_kept():
+            trainer = Trainer(
+                model=model,
+                args=TrainingArguments(output_dir=output_dir, **kwargs),
+                eval_dataset=eval_dataset,
+                data_collator=data_collator,
+                compute_metrics=compute_metrics,
+            )
+            _quiet(trainer)
+            metrics = trainer.evaluate()
         skip = ("runtime", "per_second", "preparation_time")
         return MetricRecord(
             {k: float(v) for k, v in metrics.items() if k.startswith("eval_") and not any(x in k for x in skip)}
