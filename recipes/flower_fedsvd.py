@@ -8,7 +8,7 @@ snippets. With ``--dp-noise-multiplier`` clients train with ``DPTrainer`` (DP-SG
 in its Flower ``context.state``, so its epsilon and ``--max-epsilon`` cover every round it took part in.
 
     python recipes/flower_fedsvd.py                                   # non-private FedSVD, a few minutes on 2 CPUs
-    python recipes/flower_fedsvd.py --method ffa_lora --rounds 8
+    python recipes/flower_fedsvd.py --method ffa_lora --fraction 0.5 --rounds 8   # 2 of 4 clients per round
     python recipes/flower_fedsvd.py --dp-noise-multiplier 1.0 --max-epsilon 8
 
 Writes ``final.safetensors`` (the global adapter and classifier head) and ``metrics.json`` to ``--out``.
@@ -30,13 +30,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate the command line (``parser.error`` names the bad option)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="fedsvd", choices=METHODS)
-    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--clients", type=int, default=4, help="Flower supernodes, one data shard each")
-    p.add_argument("--fraction", type=float, default=0.5, help="fraction of the clients trained per round")
+    p.add_argument("--fraction", type=float, default=1.0, help="fraction of the clients trained per round")
     p.add_argument("--local-steps", type=int, default=10, help="optimizer steps per client per round")
     p.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration of the label split")
     p.add_argument("--batch-size", type=int, default=16, help="per-client batch (the expected batch under DP)")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--max-length", type=int, default=48, help="tokens per snippet")
     p.add_argument("--train-size", type=int, default=1600, help="training snippets split among the clients")
