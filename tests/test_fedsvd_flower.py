@@ -354,3 +354,13 @@ def test_flower_simulation_dp_clients_report_composed_epsilon(tmp_path):
         expected = compute_epsilon(1.0, Q, 2 * rnd, 1e-3, accountant="rdp")
         assert metrics["client_epsilon"][str(rnd)] == pytest.approx({"0": expected, "1": expected}, rel=1e-6)
         assert metrics["train"][str(rnd)]["epsilon-max"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_client_app_refuses_target_epsilon_without_total_steps():
+    dp = pytest.importorskip("hf_svd_plugins.dp")
+    from hf_svd_plugins.fedsvd.flower import make_client_app
+
+    config = dp.DPConfig(target_epsilon=3.0)
+    with pytest.raises(ValueError, match="total_steps=rounds"):
+        make_client_app(lambda: None, lambda pid, n: None, trainer_cls=dp.DPTrainer,
+                        trainer_kwargs={"dp_config": config})

@@ -7,7 +7,6 @@ History is Opacus' format, a list of ``(noise_multiplier, sample_rate, num_steps
 from __future__ import annotations
 
 import functools
-
 import math
 from collections.abc import Callable, Sequence
 

@@ -40,13 +40,33 @@ from hf_svd_plugins.lora import LoraPair, assign_lora_weights, find_lora_pairs, 
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Federation", "accuracy_metrics", "client_seed", "load_lora_state", "train_lora_client"]
+__all__ = [
+    "Federation",
+    "accuracy_metrics",
+    "check_federated_dp_config",
+    "client_seed",
+    "load_lora_state",
+    "quiet_trainer",
+    "train_lora_client",
+]
 
 _RESERVED_ARGS = {"output_dir": "output_dir", "max_steps": "local_steps", "seed": "seed"}
 _STATE_JSON = "state.json"
 
 
-def _quiet(trainer: Trainer) -> None:
+def check_federated_dp_config(trainer_kwargs: Mapping[str, Any] | None) -> None:
+    """``ValueError`` if a client ``dp_config`` has ``target_epsilon`` without ``total_steps``: sigma would be
+    calibrated for one round and the whole budget spent in every round."""
+    dp_config = (trainer_kwargs or {}).get("dp_config")
+    if getattr(dp_config, "target_epsilon", None) is not None and getattr(dp_config, "total_steps", None) is None:
+        raise ValueError(
+            "trainer_kwargs['dp_config'] has target_epsilon but no total_steps: sigma would be calibrated for a "
+            "single round's local_steps and the budget spent every round; set DPConfig(total_steps=rounds * "
+            "local_steps) so target_epsilon covers every round a client may take part in"
+        )
+
+
+def quiet_trainer(trainer: Trainer) -> None:
     """No per-client console output (progress bars, metric prints); the federation logs one row per round."""
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
@@ -148,7 +168,7 @@ def train_lora_client(
         data_collator=data_collator,
         **dict(trainer_kwargs or {}),
     )
-    _quiet(trainer)
+    quiet_trainer(trainer)
     accountant = getattr(trainer, "accountant", None)
     if client_state is not None and accountant is not None and client_state.get("accountant"):
         accountant.load_state_dict(client_state["accountant"])
@@ -249,13 +269,7 @@ class Federation:
             if key in training_args:
                 raise ValueError(f"training_args must not set {key!r}; pass Federation({ours}=...) instead")
 
-        dp_config = (trainer_kwargs or {}).get("dp_config")
-        if getattr(dp_config, "target_epsilon", None) is not None and getattr(dp_config, "total_steps", None) is None:
-            raise ValueError(
-                "trainer_kwargs['dp_config'] has target_epsilon but no total_steps: sigma would be calibrated for a "
-                "single round's local_steps and the budget spent every round; set DPConfig(total_steps=rounds * "
-                "local_steps) so target_epsilon covers every round a client may take part in"
-            )
+        check_federated_dp_config(trainer_kwargs)
         self.model = model
         self.num_clients = num_clients
         self.client_fraction = float(client_fraction)
@@ -453,7 +467,7 @@ class Federation:
             data_collator=self.data_collator,
             compute_metrics=self.compute_metrics,
         )
-        _quiet(trainer)
+        quiet_trainer(trainer)
         metrics = trainer.evaluate()
         skip = ("runtime", "per_second", "preparation_time")
         return {k: float(v) for k, v in metrics.items() if k.startswith("eval_") and not any(x in k for x in skip)}

@@ -41,9 +41,10 @@ from transformers import Trainer, TrainingArguments
 
 from hf_svd_plugins.fedsvd.core import aggregate_lora, aggregate_weighted, check_method, is_finite_update, trains_a
 from hf_svd_plugins.fedsvd.federation import (
-    _quiet,
+    check_federated_dp_config,
     client_seed,
     load_lora_state,
+    quiet_trainer,
     set_trainable_for_method,
     train_lora_client,
     trainable_extra_names,
@@ -334,6 +335,7 @@ def make_client_app(
             max_epsilon=8.0)}``; ``max_epsilon`` then bounds the client's privacy over the whole federation.
         output_dir: client scratch directories go to ``output_dir/client_<partition id>``.
     """
+    check_federated_dp_config(trainer_kwargs)
     app = ClientApp()
     cache: dict[str, nn.Module] = {}
 
@@ -423,7 +425,7 @@ def make_evaluate_fn(
                 data_collator=data_collator,
                 compute_metrics=compute_metrics,
             )
-            _quiet(trainer)
+            quiet_trainer(trainer)
             metrics = trainer.evaluate()
         skip = ("runtime", "per_second", "preparation_time")
         return MetricRecord(
