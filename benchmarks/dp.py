@@ -14,7 +14,7 @@ identical (sigma=1, C=1, Poisson sampling with q = B / N).
 
     python benchmarks/dp.py                          # tiny, small, minilm; 12 timed steps each
     python benchmarks/dp.py --sizes tiny --steps 6   # quick smoke run
-    python benchmarks/dp.py --sizes minilm --utility --epochs 2
+    python benchmarks/dp.py --utility-only            # DP vs non-private accuracy on MiniLM, no timing
 """
 
 from __future__ import annotations
@@ -217,24 +217,31 @@ def accuracy(trainer, size: str) -> float:
     return float((np.argmax(pred.predictions, axis=-1) == pred.label_ids).mean())
 
 
-def run_utility(epochs: float, batch: int, lr: float, dp_lr: float, epsilon: float) -> list[tuple[str, float, float]]:
-    """MiniLM + LoRA on Rotten Tomatoes: non-private Trainer vs DPTrainer at ``epsilon``; test accuracy."""
+def run_utility(a) -> list[tuple[str, float, float, float]]:
+    """MiniLM + LoRA on Rotten Tomatoes: non-private Trainer vs DPTrainer at ``a.epsilon``, each with its own batch
+    size, epochs and learning rate (DP-SGD wants large batches and higher rates); test accuracy."""
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     from hf_svd_plugins.dp import DPConfig, DPTrainer
+    from hf_svd_plugins.examples import minilm_mean_pool_classifier
 
     rows = []
-    for name in ("non-private", f"DP eps={epsilon:g}"):
+    runs = [("non-private", a.utility_batch, a.epochs, a.lr), (f"DP eps={a.epsilon:g}", a.dp_batch, a.dp_epochs, a.dp_lr)]
+    for name, batch, epochs, lr in runs:
         private = name != "non-private"
+        micro = min(batch, a.micro_batch)
+        if batch % micro:
+            raise SystemExit(f"batch {batch} must be a multiple of --micro-batch {micro}")
         args = TrainingArguments(
-            output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, per_device_eval_batch_size=128,
-            num_train_epochs=epochs, learning_rate=dp_lr if private else lr, report_to=[], use_cpu=True,
-            save_strategy="no", logging_steps=10**6, disable_tqdm=True, max_grad_norm=0.0 if private else 1.0,
-            seed=0,
+            output_dir=tempfile.mkdtemp(), per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
+            per_device_eval_batch_size=128, num_train_epochs=epochs, learning_rate=lr, report_to=[], use_cpu=True,
+            save_strategy="no", logging_steps=10**6, disable_tqdm=True, max_grad_norm=0.0 if private else 1.0, seed=0,
         )
-        kw = dict(model=build_model("minilm"), args=args, train_dataset=dataset("minilm", 0), data_collator=collate)
-        trainer = (DPTrainer(**kw, dp_config=DPConfig(target_epsilon=epsilon, max_grad_norm=1.0)) if private
+        lora = not private or a.dp_trainable == "lora"
+        model = minilm_mean_pool_classifier(8 if lora else None, target_modules=a.utility_targets)[0]
+        kw = dict(model=model, args=args, train_dataset=dataset("minilm", 0), data_collator=collate)
+        trainer = (DPTrainer(**kw, dp_config=DPConfig(target_epsilon=a.epsilon, max_grad_norm=1.0)) if private
                    else Trainer(**kw))
         trainer.remove_callback(PrinterCallback)
         start = time.perf_counter()
@@ -242,8 +249,9 @@ def run_utility(epochs: float, batch: int, lr: float, dp_lr: float, epsilon: flo
         seconds = time.perf_counter() - start
         acc = accuracy(trainer, "minilm")
         eps = trainer.get_epsilon() if private else float("inf")
-        print(f"[utility] {name}: accuracy {acc:.4f}, epsilon {eps:.3f}, {seconds:.0f} s", flush=True)
-        rows.append((name, acc, eps))
+        print(f"[utility] {name}: {'LoRA + head' if lora else 'head only'}, batch {batch}, {epochs:g} epochs, lr {lr:g}, {trainer.state.global_step} steps: "
+              f"accuracy {acc:.4f}, epsilon {eps:.3f}, {seconds:.0f} s", flush=True)
+        rows.append((f"{name} ({'LoRA + head' if lora else 'head only'})", acc, eps, seconds))
     return rows
 
 
@@ -257,18 +265,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--skip-loop", action="store_true", help="skip the slow per-example loop method")
     parser.add_argument("--utility", action="store_true", help="also fine-tune MiniLM at epsilon=8 vs non-private")
-    parser.add_argument("--epochs", type=float, default=2.0, help="utility: epochs")
-    parser.add_argument("--utility-batch", type=int, default=64, help="utility: (expected) batch size")
-    parser.add_argument("--lr", type=float, default=5e-4, help="utility: non-private learning rate")
-    parser.add_argument("--dp-lr", type=float, default=2e-3, help="utility: DP learning rate")
+    parser.add_argument("--utility-only", action="store_true", help="only the utility comparison (no timing)")
+    parser.add_argument("--epochs", type=float, default=1.0, help="utility: non-private epochs")
+    parser.add_argument("--utility-batch", type=int, default=32, help="utility: non-private batch size")
+    parser.add_argument("--lr", type=float, default=1e-3, help="utility: non-private learning rate")
+    parser.add_argument("--dp-epochs", type=float, default=10.0, help="utility: DP epochs")
+    parser.add_argument("--dp-batch", type=int, default=512, help="utility: DP expected batch size")
+    parser.add_argument("--dp-lr", type=float, default=0.1, help="utility: DP learning rate")
+    parser.add_argument("--micro-batch", type=int, default=64, help="utility: examples per forward (grad. accumulation)")
+    parser.add_argument("--utility-targets", nargs="+", default=["query", "value"], help="utility: LoRA target modules")
     parser.add_argument("--epsilon", type=float, default=8.0, help="utility: target epsilon")
+    parser.add_argument("--dp-trainable", choices=["head", "lora"], default="head",
+                        help="utility: what DP trains (the non-private run trains LoRA + head)")
     a = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(a.threads)
     rows = []
-    for size in a.sizes:
+    for size in [] if a.utility_only else a.sizes:
         runs = [("Trainer (non-private)", lambda s=size: run_trainer(s, None, a.batch, a.steps, a.warmup, a.n)),
                 ("plain loop (non-private)", lambda s=size: run_plain_loop(s, a.batch, a.steps, a.warmup, a.n, None))]
         for m in ["vmap", "hooks"] + ([] if a.skip_loop else ["loop"]):
@@ -288,22 +303,22 @@ def main() -> None:
             rows.append((size, name, sec, sec / base))
             print(f"[{size}] {name}: {sec * 1000:.1f} ms/step", flush=True)
 
-    print()
-    print(f"threads={a.threads}, expected batch={a.batch}, N={a.n}, steps={a.steps} (median after {a.warmup} warm-up)")
-    print("| model | method | s/step | vs non-private Trainer |")
-    print("|---|---|---|---|")
-    for size, name, sec, ratio in rows:
-        model = "MiniLM + LoRA (real text)" if size == "minilm" else f"{size} Llama + LoRA"
-        print(f"| {model} | {name} | {sec:.4f} | {ratio:.2f}x |")
-    if a.utility:
-        util = run_utility(a.epochs, a.utility_batch, a.lr, a.dp_lr, a.epsilon)
+    if rows:
         print()
-        print(f"MiniLM + LoRA on Rotten Tomatoes, {a.epochs:g} epochs, batch {a.utility_batch}")
-        print("| run | test accuracy | epsilon |")
-        print("|---|---|---|")
-        for name, acc, eps in util:
-            print(f"| {name} | {acc:.4f} | {eps:.3f} |")
-
+        print(f"threads={a.threads}, expected batch={a.batch}, N={a.n}, steps={a.steps} (median after {a.warmup} warm-up)")
+        print("| model | method | s/step | vs non-private Trainer |")
+        print("|---|---|---|---|")
+        for size, name, sec, ratio in rows:
+            model = "MiniLM + LoRA (real text)" if size == "minilm" else f"{size} Llama + LoRA"
+            print(f"| {model} | {name} | {sec:.4f} | {ratio:.2f}x |")
+    if a.utility or a.utility_only:
+        util = run_utility(a)
+        print()
+        print(f"MiniLM mean-pooled + linear head (LoRA r=8 on {' '.join(a.utility_targets)}), Rotten Tomatoes")
+        print("| run | test accuracy | epsilon | seconds |")
+        print("|---|---|---|---|")
+        for name, acc, eps, sec in util:
+            print(f"| {name} | {acc:.4f} | {eps:.3f} | {sec:.0f} |")
 
 if __name__ == "__main__":
     main()
