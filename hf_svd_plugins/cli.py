@@ -1,14 +1,26 @@
 """``hf-svd``: command-line entry point.
 
     hf-svd demo [--steps 150] [--output-dir hf_svd_demo]
+    hf-svd compress ...   (hf_svd_plugins.fwsvd.cli)
+    hf-svd merge ...      (hf_svd_plugins.merging.cli)
+
+A method's verb lives in its own package: a module with ``HELP`` (one line), ``add_arguments(parser)`` and
+``run(args) -> int``, listed in :data:`VERB_MODULES`. Those modules import torch only inside ``run``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import warnings
+
+#: verb -> module implementing it
+VERB_MODULES = {
+    "compress": "hf_svd_plugins.fwsvd.cli",
+    "merge": "hf_svd_plugins.merging.cli",
+}
 
 
 def run_demo(steps: int, output_dir: str, r: int) -> int:
@@ -60,12 +72,22 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=150)
     demo.add_argument("--r", type=int, default=8)
     demo.add_argument("--output-dir", default="hf_svd_demo")
+    verbs = {}
+    for verb, module_name in VERB_MODULES.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:  # a method not built into this version; real import errors propagate
+            if exc.name is None or not module_name.startswith(exc.name):
+                raise
+            continue
+        module.add_arguments(sub.add_parser(verb, help=module.HELP, description=module.HELP))
+        verbs[verb] = module
     args = parser.parse_args(argv)
     if args.command == "demo":
         if args.steps < 1:
             parser.error("--steps must be >= 1")
         return run_demo(args.steps, args.output_dir, args.r)
-    return 2
+    return int(verbs[args.command].run(args))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from hf_svd_plugins.distributed import broadcast_
 
 
 @dataclass
@@ -124,14 +125,6 @@ def find_lora_pairs(model: nn.Module, adapter_name: str | None = None) -> list[L
 # --------------------------------------------------------------------------------------------- distributed helpers
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
 def is_fsdp_sharded(param: torch.Tensor) -> bool:
     """True for a parameter managed by FSDP (a DTensor under FSDP2, a flattened view under FSDP1)."""
     from torch.distributed.tensor import DTensor
@@ -164,19 +157,6 @@ def gathered_parameters(params: Sequence[nn.Parameter], modifier_rank: int | Non
 
     with deepspeed.zero.GatheredParameters(zero3, modifier_rank=modifier_rank):
         yield
-
-
-def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
-    """In-place broadcast from ``src`` so replicated weights stay bit-identical across ranks (no-op single-process)."""
-    if not is_distributed():
-        return
-    for t in tensors:
-        if dist.get_backend() == "nccl" and t.device.type == "cpu":
-            buf = t.cuda()
-            dist.broadcast(buf, src=src)
-            t.copy_(buf.cpu())
-        else:
-            dist.broadcast(t.data, src=src)
 
 
 def find_optimizer_with_master_weights(optimizer: object | None) -> object | None:
@@ -224,7 +204,7 @@ def assign_lora_weights(
                 raise ValueError(f"value of shape {tuple(value.shape)} does not fit parameter {tuple(param.shape)}")
             param.data.copy_(value.to(device=param.device, dtype=param.dtype))
         replicated = [p.data for p in params if not is_zero3_param(p)]
-        broadcast_tensors(replicated, src=0)
+        broadcast_(replicated, src=0)
     master = find_optimizer_with_master_weights(optimizer)
     if master is not None:
         master.refresh_fp32_params()

@@ -35,3 +35,13 @@ def log_to_trainer(metrics: dict[str, float]) -> None:
         trainer.log(dict(metrics))
     else:
         logger.info("%s", metrics)
+
+
+def reads_train_data(callback: object) -> bool:
+    """Whether a callback computes something from the Trainer's training batches and writes it into the model.
+
+    Callbacks that do (EVA's activation statistics, a Fisher pass over the train dataloader) declare
+    ``reads_train_data = True``. A private trainer (``DPTrainer``) refuses them: their output is an un-noised
+    function of the private data that no accountant covers. Reading a separate public dataloader is fine.
+    """
+    return bool(getattr(callback, "reads_train_data", False))

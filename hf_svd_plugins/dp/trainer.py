@@ -29,10 +29,10 @@ import warnings
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from hf_svd_plugins.distributed import all_reduce_sum_, broadcast_int
 from hf_svd_plugins.dp.accounting import PrivacyAccountant, calibrate_noise_multiplier
 from hf_svd_plugins.dp.clipping import clip_and_sum, privatize
 from hf_svd_plugins.dp.config import DPConfig
@@ -45,7 +45,7 @@ from hf_svd_plugins.dp.per_sample import (
     vmap_per_sample_grads,
 )
 from hf_svd_plugins.dp.sampling import EmptySafeCollator, PoissonBatchSampler, PoissonDataLoader, is_empty_batch
-from hf_svd_plugins.lora import is_distributed, unwrap_model
+from hf_svd_plugins.lora import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -212,10 +212,8 @@ class DPMixin:
                     "noise_multiplier, train fewer steps, or give target_epsilon instead to calibrate sigma"
                 )
         seed = cfg.noise_seed if cfg.noise_seed is not None else secrets.randbits(62)
-        if is_distributed():  # every rank adds the same noise to the same all-reduced sum: noise is added once
-            t = torch.tensor([seed], dtype=torch.int64)
-            dist.broadcast(t, src=0)
-            seed = int(t.item())
+        # every rank adds the same noise to the same all-reduced sum: noise is added once
+        seed = broadcast_int(seed, src=0)
         self._dp_noise_generator = torch.Generator().manual_seed(seed)
         self._dp_sampler_seed = cfg.sampler_seed if cfg.sampler_seed is not None else args.seed
         self._dp_acc: list[torch.Tensor] | None = None
@@ -485,10 +483,7 @@ class DPMixin:
         if self._dp_steps_left is not None and self._dp_steps_left <= 0:
             self._dp_stop_for_budget(self.control)
             return None
-        if is_distributed():
-            flat = torch.cat([a.flatten() for a in acc])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            acc = [a.view(p.shape) for a, p in zip(torch.split(flat, [a.numel() for a in acc]), params, strict=True)]
+        all_reduce_sum_(acc)
         released = privatize(acc, self.noise_multiplier, self.dp_config.max_grad_norm, self.expected_batch_size,
                              self._dp_noise_generator)
         self.accountant.step(self.noise_multiplier, self.sample_rate)

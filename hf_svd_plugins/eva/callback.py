@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Iterable
 
 import torch
 from transformers import TrainerCallback
@@ -43,12 +44,15 @@ class EvaCallback(TrainerCallback, ExportableState):
 
     Args:
         config: an :class:`EvaConfig`; or give its fields as keyword arguments (``EvaCallback(rho=2.0, tau=0.99)``).
+        dataloader: batches to read instead of the Trainer's train dataloader, e.g. public data when the training
+            data is private (``DPTrainer`` refuses EVA on its private batches). Same format as the training batches.
     """
 
-    def __init__(self, config: EvaConfig | None = None, **kwargs):
+    def __init__(self, config: EvaConfig | None = None, *, dataloader: Iterable | None = None, **kwargs):
         if config is not None and kwargs:
             raise ValueError("pass either config=EvaConfig(...) or keyword arguments, not both")
         self.config = config if config is not None else EvaConfig(**kwargs)
+        self.dataloader = dataloader
         self.done = False
         self.ranks: dict[str, int] | None = None
         self.scalings: dict[str, float] | None = None
@@ -57,6 +61,11 @@ class EvaCallback(TrainerCallback, ExportableState):
         self._layout: SavedRankLayout | None = None
         self._prepared_model_id: int | None = None
         self._mask_pairs: list = []
+
+    @property
+    def reads_train_data(self) -> bool:
+        """True when EVA reads the Trainer's own training batches (see :func:`~hf_svd_plugins.trainer_utils.reads_train_data`)."""
+        return self.dataloader is None
 
     # -------------------------------------------------------------------------------- Trainer events
 
@@ -94,9 +103,10 @@ class EvaCallback(TrainerCallback, ExportableState):
             )
             self.done = True
             return
-        if train_dataloader is None:
+        loader = self.dataloader if self.dataloader is not None else train_dataloader
+        if loader is None:
             raise ValueError("EvaCallback found no train dataloader; Trainer.train() provides one")
-        result = compute_eva(model, train_dataloader, self.config, pairs)
+        result = compute_eva(model, loader, self.config, pairs)
         apply_masked(pairs, result, optimizer=optimizer)
         self.result, self.ranks, self.scalings, self.alphas = result, result.ranks, result.scalings, result.alphas
         self.done = True

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from hf_svd_plugins.distributed import all_reduce_sum_, broadcast_flag, is_distributed, process_rank
 from hf_svd_plugins.eva.config import EvaConfig
 from hf_svd_plugins.eva.core import (
     ActivationStats,
@@ -40,8 +40,6 @@ from hf_svd_plugins.lora import (
     find_lora_pairs,
     full_shape,
     get_peft_model,
-    is_distributed,
-    rank,
 )
 
 logger = logging.getLogger(__name__)
@@ -170,21 +168,9 @@ def _move(batch: Mapping, device: torch.device) -> dict:
 
 
 def _all_reduce_stats(stats: ActivationStats) -> ActivationStats:
-    if not is_distributed():
-        return stats
-    flat = torch.cat([stats.count.reshape(1), stats.total, stats.gram.reshape(-1)])
-    dist.all_reduce(flat)
-    d = stats.total.shape[0]
-    return ActivationStats(count=flat[0], total=flat[1 : 1 + d], gram=flat[1 + d :].reshape(d, d))
-
-
-def _broadcast_flag(flag: bool) -> bool:
-    """Rank 0's decision, so every rank runs exactly the same number of forward passes (ZeRO-3 needs that)."""
-    if not is_distributed():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)
-    dist.broadcast(t, src=0)
-    return bool(t.item())
+    total = ActivationStats(stats.count.clone(), stats.total.clone(), stats.gram.clone())
+    all_reduce_sum_([total.count.reshape(1), total.total, total.gram])
+    return total
 
 
 class _InputCollector:
@@ -265,7 +251,7 @@ def compute_eva(
 
     was_training = peft_model.training
     peft_model.eval()
-    show_bar = config.show_progress_bar and rank() == 0
+    show_bar = config.show_progress_bar and process_rank() == 0
     bar = tqdm(total=config.max_batches, desc="EVA", disable=not show_bar, leave=False)
     disable_adapter = peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else nullcontext()
     try:
@@ -317,7 +303,7 @@ def compute_eva(
                     bar.update(1)
                     bar.set_postfix_str(f"{len(converged_streams)}/{len(members)} inputs converged")
                     done = batches_used >= config.min_batches and not collector.active
-                    if _broadcast_flag(done or batches_used >= config.max_batches):
+                    if broadcast_flag(done or batches_used >= config.max_batches):
                         break
                 else:
                     if not progressed:

@@ -18,7 +18,8 @@ from tiny import TinyTokenDataset, pad_collate, tiny_lora_model  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 from hf_svd_plugins import EvaCallback  # noqa: E402
-from hf_svd_plugins.lora import find_lora_pairs, rank, read_lora_weights  # noqa: E402
+from hf_svd_plugins.distributed import process_rank  # noqa: E402
+from hf_svd_plugins.lora import find_lora_pairs, read_lora_weights  # noqa: E402
 
 
 class RecordingEvaCallback(EvaCallback):
@@ -58,7 +59,7 @@ def main(out: str, n_eva_batches: int) -> None:
         logits = model(**batch).logits  # every rank runs the forward (ZeRO-3 gathers collectively)
     torch.save({"weights": weights, "ranks": callback.ranks, "seen": callback.seen, "initial": callback.initial,
                 "steps": trainer.state.global_step, "logits": logits, "batch": batch,
-                "world": int(os.environ.get("WORLD_SIZE", "1"))}, os.path.join(out, f"rank{rank()}.pt"))
+                "world": int(os.environ.get("WORLD_SIZE", "1"))}, os.path.join(out, f"rank{process_rank()}.pt"))
 
 
 if __name__ == "__main__":
