@@ -75,7 +75,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def get_peft_model(model: nn.Module) -> nn.Module:
+def unwrap_peft_model(model: nn.Module) -> nn.Module:
     """The ``PeftModel`` inside ``model`` (after unwrapping), or a ``ValueError`` that says how to make one."""
     inner = unwrap_model(model)
     if not hasattr(inner, "peft_config"):
@@ -100,7 +100,7 @@ def find_lora_pairs(model: nn.Module, adapter_name: str | None = None) -> list[L
     """
     from peft.tuners.lora import LoraLayer
 
-    peft_model = get_peft_model(model)
+    peft_model = unwrap_peft_model(model)
     if adapter_name is None:
         adapter_name = getattr(peft_model, "active_adapter", None) or "default"
     if adapter_name not in peft_model.peft_config:

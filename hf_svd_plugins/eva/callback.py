@@ -23,7 +23,7 @@ from hf_svd_plugins.eva.model import (
     update_saved_layout,
     zero_unused_ranks,
 )
-from hf_svd_plugins.lora import full_shape, get_peft_model, is_zero3_param
+from hf_svd_plugins.lora import full_shape, is_zero3_param, unwrap_peft_model
 from hf_svd_plugins.trainer_utils import log_to_trainer
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class EvaCallback(TrainerCallback, ExportableState):
 
     def _prepare(self, model, allow_growth: bool) -> None:
         """Validate, widen to ``r_max`` (only before the optimizer exists) and install the save/load layout hooks."""
-        peft_model = get_peft_model(model)
+        peft_model = unwrap_peft_model(model)
         if self._prepared_model_id == id(peft_model):
             return
         pairs = eva_pairs(peft_model, self.config)
@@ -179,7 +179,7 @@ class EvaCallback(TrainerCallback, ExportableState):
         if any(is_zero3_param(p.A) for p in pairs):
             # ZeRO-3 consolidates weights for saving without state-dict hooks, so adapters cannot be truncated on
             # the fly: save them at full width r_max (unused ranks are zero) with alphas that keep each scale.
-            use_rslora = bool(getattr(get_peft_model(model).peft_config[pairs[0].adapter], "use_rslora", False))
+            use_rslora = bool(getattr(unwrap_peft_model(model).peft_config[pairs[0].adapter], "use_rslora", False))
             widths = dict(self._layout.widths)
             alphas = {n: self.scalings[n] * (math.sqrt(w) if use_rslora else w) for n, w in widths.items()}
             update_saved_layout(model, pairs, widths, alphas)

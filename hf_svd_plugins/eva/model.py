@@ -39,7 +39,7 @@ from hf_svd_plugins.lora import (
     assign_lora_weights,
     find_lora_pairs,
     full_shape,
-    get_peft_model,
+    unwrap_peft_model,
 )
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class EvaResult:
 
 def eva_pairs(model: nn.Module, config: EvaConfig) -> list[LoraPair]:
     """The LoRA pairs EVA will initialise, with every input problem reported before any forward pass."""
-    peft_model = get_peft_model(model)
+    peft_model = unwrap_peft_model(model)
     pairs = find_lora_pairs(peft_model, config.adapter_name)
     if not pairs:
         raise ValueError(
@@ -107,7 +107,7 @@ def base_rank_and_alpha(model: nn.Module, pair: LoraPair) -> tuple[int, float]:
     """The rank ``r`` and ``alpha`` the user configured for this module (``rank_pattern``/``alpha_pattern`` aware)."""
     from peft.utils.other import get_pattern_key
 
-    config = get_peft_model(model).peft_config[pair.adapter]
+    config = unwrap_peft_model(model).peft_config[pair.adapter]
     r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), pair.name), config.r)
     alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), pair.name), config.lora_alpha)
     return int(r), float(alpha)
@@ -232,7 +232,7 @@ def compute_eva(
     reaches the same decision after the same number of batches.
     """
     start = time.perf_counter()
-    peft_model = get_peft_model(model)
+    peft_model = unwrap_peft_model(model)
     pairs = pairs if pairs is not None else eva_pairs(peft_model, config)
     use_rslora = bool(getattr(peft_model.peft_config[pairs[0].adapter], "use_rslora", False))
     base = {p.name: base_rank_and_alpha(peft_model, p) for p in pairs}
@@ -371,7 +371,7 @@ def grow_to_max_rank(model: nn.Module, pairs: list[LoraPair], config: EvaConfig)
     ranks later without changing shapes. Call before the optimizer exists."""
     from copy import copy
 
-    peft_model = get_peft_model(model)
+    peft_model = unwrap_peft_model(model)
     for pair in pairs:
         r0, alpha0 = base_rank_and_alpha(peft_model, pair)
         r_max = max_rank(peft_model, pair, config)
@@ -423,7 +423,7 @@ def update_saved_layout(model: nn.Module, pairs: list[LoraPair], result_ranks: M
                         result_alphas: Mapping[str, float]) -> None:
     """Record EVA's ranks in the PEFT config so saved adapters are standard (``rank_pattern``/``alpha_pattern``,
     rank-0 modules dropped from ``target_modules``)."""
-    peft_model = get_peft_model(model)
+    peft_model = unwrap_peft_model(model)
     adapter = pairs[0].adapter
     config = peft_model.peft_config[adapter]
     config.rank_pattern = {n: int(r) for n, r in result_ranks.items() if r > 0 and r != config.r}
@@ -485,7 +485,7 @@ def apply_resized(model: nn.Module, pairs: list[LoraPair], result: EvaResult) ->
 
     from peft.utils.other import _get_submodules
 
-    peft_model = get_peft_model(model)
+    peft_model = unwrap_peft_model(model)
     layer_config = copy(peft_model.peft_config[pairs[0].adapter])
     layer_config.init_lora_weights = True
     for pair in pairs:
