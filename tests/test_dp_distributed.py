@@ -5,12 +5,11 @@ is the same; under DDP a run resumed from a step-2 checkpoint ends as the uninte
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from launch import DDP_FLAGS, REPO, accelerate_launch, config_flags
 
 SCRIPT = textwrap.dedent(
     """
@@ -47,11 +46,9 @@ SCRIPT = textwrap.dedent(
 )
 
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = {
-    "ddp": ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no"],
-    "zero2": ["--config_file", os.path.join(REPO, "accelerate_configs", "deepspeed_zero2.yaml")],
+    "ddp": DDP_FLAGS,
+    "zero2": config_flags("deepspeed_zero2"),
     "zero1": ["--use_deepspeed", "--zero_stage", "1", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--gradient_accumulation_steps", "1", "--offload_optimizer_device", "none",
               "--offload_param_device", "none", "--zero3_init_flag", "false"],
@@ -72,12 +69,8 @@ def test_two_processes_match_single_process(tmp_path, mode):
     tests_dir = os.path.join(REPO, "tests")
     script = tmp_path / "dp_train.py"
     script.write_text(SCRIPT.format(tests_dir=tests_dir))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCH[mode], str(script), str(tmp_path),
-           str(per_device), str(ga), ",".join(methods), "resume" if mode == "ddp" else "no-resume"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    accelerate_launch(LAUNCH[mode], script, tmp_path, per_device, ga, ",".join(methods),
+                      "resume" if mode == "ddp" else "no-resume", timeout=600)
     runs = {m: [torch.load(tmp_path / f"rank{r}_{m}.pt", weights_only=False) for r in (0, 1)] for m in methods}
     for r0, r1 in runs.values():
         assert r0["world"] == r1["world"] == 2

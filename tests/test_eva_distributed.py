@@ -7,39 +7,32 @@ all ranks are combined, not just rank 0's).
 """
 
 import os
-import shutil
-import subprocess
 import sys
 import warnings
 
 import pytest
 import torch
+from launch import REPO, accelerate_launch, config_flags
 from tiny import tiny_lora_model
 
 from hf_svd_plugins.eva import EvaConfig, compute_eva
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "tests", "distributed", "eva_train.py")
+SCRIPT = os.path.join(REPO, "tests", "distributed", "eva_train.py")
 N_EVA_BATCHES = 3
 LAUNCH = {
-    "ddp": ["--config_file", os.path.join(ROOT, "accelerate_configs", "cpu_ddp_2proc.yaml")],
-    "zero2": ["--config_file", os.path.join(ROOT, "accelerate_configs", "deepspeed_zero2.yaml")],
-    "zero3": ["--config_file", os.path.join(ROOT, "accelerate_configs", "deepspeed_zero3.yaml")],
-    "zero3_offload": ["--config_file", os.path.join(ROOT, "accelerate_configs", "deepspeed_zero3_offload.yaml")],
+    "ddp": config_flags("cpu_ddp_2proc"),
+    "zero2": config_flags("deepspeed_zero2"),
+    "zero3": config_flags("deepspeed_zero3"),
+    "zero3_offload": config_flags("deepspeed_zero3_offload"),
 }
 
 
 def launch(mode: str, out: str) -> None:
     if mode.startswith("zero"):
         pytest.importorskip("deepspeed")
-    accelerate = shutil.which("accelerate") or pytest.skip("accelerate CLI not found")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    cmd = [accelerate, "launch", *LAUNCH[mode], SCRIPT, out, str(N_EVA_BATCHES)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    accelerate_launch(LAUNCH[mode], SCRIPT, out, N_EVA_BATCHES)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3", "zero3_offload"])

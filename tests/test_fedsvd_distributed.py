@@ -7,14 +7,12 @@ optimizer moments are reset (DeepSpeed: the base optimizer's flat state is zeroe
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from launch import DDP_FLAGS, REPO, accelerate_launch, config_flags
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(REPO, "tests")
 
 SCRIPT = textwrap.dedent(
@@ -84,12 +82,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-LAUNCH = {
-    "ddp": ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no"],
-    "zero2": ["--config_file", os.path.join(REPO, "accelerate_configs", "deepspeed_zero2.yaml")],
-    "zero3": ["--config_file", os.path.join(REPO, "accelerate_configs", "deepspeed_zero3.yaml")],
-}  # fmt: skip
+LAUNCH = {"ddp": DDP_FLAGS, "zero2": config_flags("deepspeed_zero2"), "zero3": config_flags("deepspeed_zero3")}
 
 
 @pytest.mark.distributed
@@ -101,10 +94,7 @@ def test_callback_two_processes_ranks_identical(tmp_path, mode):
             pytest.skip(f"{LAUNCH[mode][1]} not found")
     script = tmp_path / "fedsvd_train.py"
     script.write_text(SCRIPT.format(tests=TESTS))
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCH[mode], str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    accelerate_launch(LAUNCH[mode], script, tmp_path)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert r0["world_size"] == r1["world_size"] == 2
