@@ -81,7 +81,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         return self.steps_per_epoch * self.gradient_accumulation_steps
 
     def __iter__(self) -> Iterator[list[int]]:
-        gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + self.epoch)
+        gen = torch.Generator().manual_seed((int(self.seed) * 1_000_003 + self.epoch) % 2**64)
         for _ in range(self.steps_per_epoch):
             idx = poisson_sample(self.num_examples, self.sample_rate, gen)
             yield from split_logical_batch(idx, self.gradient_accumulation_steps, self.world_size, self.rank)
