@@ -279,8 +279,44 @@ def test_hooks_with_checkpointing_would_be_wrong_so_auto_uses_loop(tmp_path):
 
 def test_shuffled_fixed_batches_without_poisson(tmp_path):
     """poisson_sampling=False: the Trainer's own shuffled batches of exactly B; accounting uses q = B / N."""
-    trainer = _trainer(tmp_path, max_steps=2, learning_rate=0.05,
-                       dp=DPConfig(noise_multiplier=1.0, poisson_sampling=False, noise_seed=0))
+    with pytest.warns(UserWarning, match="NOT what the accountant analyses"):
+        trainer = _trainer(tmp_path, max_steps=2, learning_rate=0.05,
+                           dp=DPConfig(noise_multiplier=1.0, poisson_sampling=False, noise_seed=0))
     assert not isinstance(trainer.get_train_dataloader().batch_sampler, PoissonBatchSampler)
     trainer.train()
     assert trainer.accountant.history == [(1.0, 4 / 32, 2)]
+
+
+def test_shuffled_batches_plan_the_trainers_own_step_count(tmp_path):
+    """28 examples, batch 4, accumulation 2, one epoch: the Trainer takes ceil(7 / 2) = 4 steps. Sigma must be
+    calibrated for those 4 (the plan said floor = 3, and the budget guard then skipped the last step silently), and
+    the warning gives the epsilon that holds without amplification."""
+    from transformers import Trainer
+
+    kw = dict(max_steps=-1, num_train_epochs=1, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    dataset = TinyTokenDataset(n=28)
+    plain = Trainer(model=tiny_lora_model("llama"), args=_args(tmp_path / "plain", **kw), train_dataset=dataset,
+                    data_collator=pad_collate)
+    plain.train()
+    assert plain.state.global_step == 4
+    with pytest.warns(UserWarning, match=r"each example in 1 of the 4 steps\): epsilon = "):
+        trainer = _trainer(tmp_path, dataset=dataset, dp=DPConfig(target_epsilon=4.0, poisson_sampling=False,
+                                                                  accountant="rdp"), **kw)
+    assert trainer.planned_steps == 4
+    trainer.train()
+    assert trainer.state.global_step == trainer.accountant.steps == 4
+    assert trainer.get_epsilon() <= 4.0
+
+
+def test_empty_micro_batch_with_gradient_accumulation(tmp_path):
+    """Per-device batch 1, accumulation 2: a step whose first micro-batch has an example and whose second is empty
+    crashed in the Trainer's num_items_in_batch counting (KeyError: 'labels'); under DDP the other rank then hung."""
+    micro = list(PoissonBatchSampler(16, 2 / 16, 8, 2, seed=0))
+    assert any(first and not second for first, second in zip(micro[::2], micro[1::2], strict=True))
+    trainer = _trainer(tmp_path, dataset=TinyTokenDataset(n=16), per_device_train_batch_size=1,
+                       gradient_accumulation_steps=2, max_steps=8, include_num_input_tokens_seen="all",
+                       dp=DPConfig(noise_multiplier=1.0, noise_seed=0, sampler_seed=0))
+    trainer.train()
+    assert trainer.state.global_step == 8 and trainer.accountant.history == [(1.0, 2 / 16, 8)]
+    lengths = [len(x["input_ids"]) for x in TinyTokenDataset(n=16).items]
+    assert trainer.state.num_input_tokens_seen == sum(len(mb) * max(lengths[i] for i in mb) for mb in micro if mb)
