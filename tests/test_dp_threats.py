@@ -15,6 +15,7 @@ import os
 
 import pytest
 import torch
+from test_dp_trainer import _StopAt
 from tiny import VOCAB, TinyTokenDataset, pad_collate, tiny_batches, tiny_lora_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -197,15 +198,6 @@ def test_resume_restores_the_secret_sampler_seed(tmp_path):
     assert collate.batches == [b for b in would_take if b]  # the skipped steps 1-3 are not loaded, nor empty ones
     assert torch.equal(seen_noise[0], interrupted_noise)
     assert resumed.accountant.history == [(1.0, 4 / 32, 6)]
-
-
-class _StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 class _RecordNoiseState(TrainerCallback):
