@@ -127,6 +127,31 @@ def test_batch_statistics_refused_whatever_the_mode(tmp_path, norm):
         _dp(tmp_path, model=model, dataset=TinyTokenDataset(n=32, kind="cls"))
 
 
+class RunningMean(torch.nn.Module):
+    """Not a norm layer, but it keeps a saved running statistic of its (private) inputs."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.mean.mul_(0.9).add_(0.1 * x.mean(dim=0))
+        return x - self.mean
+
+
+def test_saved_buffers_updated_from_private_data_refused(tmp_path):
+    """Whatever module does it: a saved buffer that changes during a step is refused before that step's release."""
+    model = NormClassifier(RunningMean(8))
+    before = model.norm.mean.clone()
+    trainer = _dp(tmp_path, model=model, dataset=TinyTokenDataset(n=32, kind="cls"),
+                  dp=DPConfig(noise_multiplier=1.0, per_sample_method="loop", sampler_seed=0))
+    with pytest.raises(ValueError, match=r"saved buffers \['norm.mean'\] changed"):
+        trainer.train()
+    assert trainer.accountant.steps == 0 and not torch.equal(model.norm.mean, before)
+
+
 # ------------------------------------------------------------------------------------------- 3. a secret sample
 
 

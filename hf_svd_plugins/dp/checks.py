@@ -5,7 +5,7 @@ batch clipping, sharded parameters), modules that couple examples (BatchNorm), c
 function of the private batches into the model (EVA on the training data), data sets without ``len()``.
 At train begin and before every optimizer step: the optimizer must hold exactly the privatised parameters and no
 other parameter may carry a gradient (a parameter unfrozen after construction would otherwise train on raw
-gradients).
+gradients), and no saved buffer of the model may have changed (a running statistic computed from private data).
 """
 
 from __future__ import annotations
@@ -145,4 +145,29 @@ def check_only_private_parameters(
             + "; ".join(details) + "). A parameter outside it would be updated with raw, un-clipped, un-noised "
             "gradients. Set requires_grad on exactly the parameters to train before creating the DPTrainer (and "
             "build any custom optimizer over those only)"
+        )
+
+
+def saved_float_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the model's persistent floating-point buffers (what ``save_pretrained`` writes besides weights)."""
+    out = {}
+    for prefix, module in model.named_modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.is_floating_point() and name not in module._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buf.detach().clone()
+    return out
+
+
+def check_buffers_unchanged(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    """Refuse a step after which a saved buffer differs from ``snapshot``: it was computed from the private batch
+    without noise (a custom running statistic, say) and would be released with the model."""
+    if not snapshot:
+        return
+    now = saved_float_buffers(model)
+    changed = [n for n, before in snapshot.items() if n in now and not torch.equal(now[n], before)]
+    if changed:
+        raise ValueError(
+            f"DP: the model's saved buffers {changed[:5]} changed during a training step. They are computed from the "
+            "private batch without noise and would be released with the model; freeze whatever updates them (or "
+            "replace the module, e.g. BatchNorm by GroupNorm)"
         )

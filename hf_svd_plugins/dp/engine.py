@@ -112,10 +112,18 @@ class PerExampleGradients:
         return inputs
 
     def _verify_loss_type(self, module: nn.Module, inputs: dict) -> None:
-        verified, suggestion = check_loss_type(module, inputs, self.loss_type, self.problem_type)
-        if not verified:
-            return
+        status, suggestion = check_loss_type(module, inputs, self.loss_type, self.problem_type)
+        if status == "no_targets":
+            return  # ask again on the next batch
         self.loss_verified = True
+        if status == "no_model_loss":
+            if self.config.loss_type == "auto" and self.loss_type != "sequence":
+                warnings.warn(
+                    f"DP: the model returns no loss for its labels, so loss_type={self.loss_type!r} (guessed from its "
+                    "class) cannot be checked against it; set DPConfig(loss_type='causal_lm' or 'token') explicitly",
+                    UserWarning, stacklevel=4,
+                )
+            return
         if suggestion is None:
             return
         fix = (f"loss_type={suggestion!r} does: set DPConfig(loss_type={suggestion!r})" if suggestion != "none" else

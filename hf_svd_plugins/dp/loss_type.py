@@ -81,31 +81,31 @@ def _batch_mean(logits, targets, loss_type, problem_type) -> torch.Tensor | None
 @torch.no_grad()
 def check_loss_type(
     module: nn.Module, inputs: Mapping[str, object], loss_type: str, problem_type: str | None = None
-) -> tuple[bool, str | None]:
+) -> tuple[str, str | None]:
     """Compare the per-example losses of ``loss_type`` with the model's own loss on this batch.
 
     The model's loss is a mean over all targets of the batch, so the per-example losses are averaged with weights
     = their number of targets. Runs the model once in eval mode with the batch's labels.
 
     Returns:
-        ``(verified, suggestion)``: ``verified`` is False when the check could not run (the model returns no loss,
-        or the batch has no target); then ``suggestion`` is None. When it ran, ``suggestion`` is None if
-        ``loss_type`` matches, else the loss type that matches (or ``"none"`` if none does).
+        ``(status, suggestion)``. ``status`` is ``"checked"``, ``"no_targets"`` (the batch has none: ask again on
+        another batch) or ``"no_model_loss"`` (the model returns no usable loss for these labels). When checked,
+        ``suggestion`` is None if ``loss_type`` matches, else the loss type that does (``"none"`` if none does).
     """
     model_inputs, targets, key = split_inputs(inputs)
     if int(target_counts(targets, loss_type).sum()) == 0:
-        return False, None
+        return "no_targets", None
     was_training = module.training
     module.eval()
     try:
         out = module(**model_inputs, **{key: targets})
-    except TypeError:  # the model does not take labels
-        return False, None
+    except Exception:  # noqa: BLE001 - a model that refuses these labels simply gives nothing to compare with
+        return "no_model_loss", None
     finally:
         module.train(was_training)
     model_loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
     if not torch.is_tensor(model_loss) or model_loss.numel() != 1 or not torch.isfinite(model_loss):
-        return False, None
+        return "no_model_loss", None
     logits = logits_of(out)
     low_precision = logits.dtype in (torch.float16, torch.bfloat16)
     rtol, atol = (2e-2, 1e-3) if low_precision else (1e-3, 1e-5)
@@ -115,6 +115,6 @@ def check_loss_type(
         return mean is not None and torch.allclose(mean.float(), model_loss.float().reshape(()), rtol=rtol, atol=atol)
 
     if matches(loss_type):
-        return True, None
+        return "checked", None
     others = [k for k in _candidates(targets) if k != loss_type and matches(k)]
-    return True, (others[0] if others else "none")
+    return "checked", (others[0] if others else "none")

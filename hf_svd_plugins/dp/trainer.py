@@ -46,12 +46,14 @@ from hf_svd_plugins.dp.checkpoint import (
     write_private_state,
 )
 from hf_svd_plugins.dp.checks import (
+    check_buffers_unchanged,
     check_callbacks,
     check_dataset,
     check_no_batch_statistics,
     check_only_private_parameters,
     check_per_sample_method,
     check_trainer_features,
+    saved_float_buffers,
 )
 from hf_svd_plugins.dp.clipping import clip_and_sum
 from hf_svd_plugins.dp.config import DPConfig
@@ -59,7 +61,7 @@ from hf_svd_plugins.dp.engine import PerExampleGradients
 from hf_svd_plugins.dp.per_sample import trainable_parameters
 from hf_svd_plugins.dp.plan import planned_steps, steps_per_epoch, warn_shuffled_batches
 from hf_svd_plugins.dp.release import NoisyRelease
-from hf_svd_plugins.dp.sampling import EmptySafeCollator, PoissonBatchSampler, PoissonDataLoader, is_empty_batch
+from hf_svd_plugins.dp.sampling import is_empty_batch, poisson_dataloader
 from hf_svd_plugins.dp.seeds import derived_seed, secret_seed, shared_seed
 from hf_svd_plugins.lora import unwrap_model
 
@@ -194,6 +196,7 @@ class DPMixin:
         self._dp_engine = PerExampleGradients(cfg, checkpointing, self.is_deepspeed_enabled,
                                               getattr(args, "label_smoothing_factor", 0.0))
         self._dp_method_used: str | None = None
+        self._dp_buffers: dict[str, torch.Tensor] = {}
         self._dp_last_finalized_step = -1
         self._dp_steps_left: int | None = None
         self.callback_handler.callbacks.insert(0, _DPCallback(self))
@@ -237,23 +240,8 @@ class DPMixin:
             dataset = self._remove_unused_columns(dataset, description="training")
         else:
             collator = self._get_collator_with_removed_columns(collator, description="training")
-        args = self.args
-        sampler = PoissonBatchSampler(
-            num_examples=len(dataset),
-            sample_rate=self.sample_rate,
-            steps_per_epoch=self.dp_steps_per_epoch,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            world_size=max(1, args.world_size),
-            rank=args.process_index,
-            seed=self._dp_sampler_seed,
-        )
-        return PoissonDataLoader(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=EmptySafeCollator(collator),
-            num_workers=args.dataloader_num_workers,
-            pin_memory=args.dataloader_pin_memory,
-        )
+        return poisson_dataloader(dataset, collator, self.sample_rate, self.dp_steps_per_epoch, self.args,
+                                  self._dp_sampler_seed)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> None:
         # DP normalises every example by its own targets and ignores num_items_in_batch. Not computing it also
@@ -343,6 +331,7 @@ class DPMixin:
         module = unwrap_model(self.model)
         private = self._dp_params(module)
         self._dp_guarded(check_only_private_parameters, module, private, self.optimizer, True)
+        self._dp_guarded(check_buffers_unchanged, module, self._dp_buffers)
         params = list(private.values())
         released = self._dp_release_gradient(params)
         if released is None:
@@ -368,6 +357,7 @@ class DPMixin:
         module = unwrap_model(self.model)
         private = self._dp_params(module)
         self._dp_guarded(check_only_private_parameters, module, private, self.optimizer)
+        self._dp_guarded(check_buffers_unchanged, module, self._dp_buffers)
         params = list(private.values())
         released = self._dp_release_gradient(params)
         if released is None:
@@ -411,6 +401,7 @@ class DPMixin:
         self._dp_last_finalized_step = -1
         module = unwrap_model(self.model)
         check_only_private_parameters(module, self._dp_params(module), optimizer, self.is_deepspeed_enabled)
+        self._dp_buffers = saved_float_buffers(module)
         limit = self.dp_config.epsilon_limit
         if limit is None:
             self._dp_steps_left = None
