@@ -95,3 +95,18 @@ def test_edge_cases_and_state():
         PrivacyAccountant("prv").load_state_dict(state)
     n = acc.max_extra_steps(acc.epsilon_after(1e-5, 1.0, 0.1, 20), 1e-5, 1.0, 0.1, upper=100)
     assert n == 20
+
+
+@pytest.mark.parametrize(("sigma", "participations"), [(1.0, 1), (1.0, 3), (2.0, 10)])
+def test_no_amplification_bound_is_the_composed_gaussian_mechanism(sigma, participations):
+    """What shuffled (public-order) batches guarantee: k releases of the Gaussian mechanism. Reference: its exact
+    privacy profile (Balle & Wang 2018) with mu = sqrt(k) / sigma,
+    delta(eps) = Phi(-eps / mu + mu / 2) - e^eps Phi(-eps / mu - mu / 2), solved for eps."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    from hf_svd_plugins.dp.plan import epsilon_without_amplification
+
+    delta, mu = 1e-5, math.sqrt(participations) / sigma
+    exact = brentq(lambda e: norm.cdf(-e / mu + mu / 2) - math.exp(e) * norm.cdf(-e / mu - mu / 2) - delta, 1e-6, 200)
+    assert epsilon_without_amplification(sigma, participations, delta) == pytest.approx(exact, rel=0.02)

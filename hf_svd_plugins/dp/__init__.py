@@ -22,7 +22,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name == "DPSFTTrainer":
-        from hf_svd_plugins.dp.trainer import get_dp_sft_trainer_class
+        from hf_svd_plugins.dp.sft import get_dp_sft_trainer_class
 
         return get_dp_sft_trainer_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

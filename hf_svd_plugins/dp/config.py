@@ -36,7 +36,8 @@ class DPConfig:
             when that is given, otherwise no hard limit.
         poisson_sampling: sample each logical batch by including every example independently with probability
             ``q = expected_batch / N`` (what the accountants analyse). ``False`` uses the Trainer's shuffled fixed-size
-            batches; the reported epsilon is then only an approximation.
+            batches, whose order follows the public ``TrainingArguments.seed``: the reported epsilon is then not a
+            guarantee (a warning gives the epsilon that holds without amplification).
         per_sample_method: how per-example gradients are computed. ``"vmap"``: ``torch.func`` (exact, fast);
             ``"hooks"``: Opacus ``GradSampleModule`` hooks (exact for the layers Opacus supports); ``"loop"``: one
             backward per example (exact, slow, works for any model); ``"auto"``: ``vmap`` when its attention-mask handling is
@@ -45,12 +46,18 @@ class DPConfig:
         loss_type: how an example's loss is computed from logits. ``"causal_lm"``: mean over the example's own valid
             next-token targets (labels shifted by one, ``-100`` ignored); ``"token"``: same without the shift (token
             classification, masked LM); ``"sequence"``: one label per example (cross-entropy, MSE if one output,
-            BCE for float multi-label targets); ``"auto"``: decided from the model class and the label shape.
+            BCE for float multi-label targets); ``"auto"``: decided from the label shape and the model's class
+            hierarchy (causal-LM classes, or ``can_generate()`` and not encoder-decoder). On the first batch with
+            targets, the per-example losses must average to the model's own loss (``ValueError`` under ``"auto"``,
+            a warning for an explicit type).
         max_physical_batch_size: compute per-example gradients in chunks of at most this many examples (bounds
             memory; the math is unchanged). ``None``: the whole micro-batch at once.
-        noise_seed: seed of the noise generator. ``None`` (recommended for real privacy) draws a fresh seed from the
-            OS. Its state is saved in every checkpoint either way, so resuming continues the same stream.
-        sampler_seed: seed of the Poisson sampler; ``None`` uses ``TrainingArguments.seed``.
+        noise_seed: seed of the noise generator. ``None`` (required for real privacy) draws 62 bits from
+            ``secrets`` on rank 0 and broadcasts them. An explicit seed warns: whoever knows it can regenerate the
+            noise, and runs with the same seed add the same noise. Its state is kept in the private DP state of every
+            checkpoint, so resuming continues the same stream.
+        sampler_seed: seed of the Poisson sampler, the same way: ``None`` is secret (never ``TrainingArguments.seed``,
+            which is public); an explicit seed warns. Each further ``train()`` call draws a new sample.
         eps_error: accuracy of the PRV accountant's epsilon (ignored by RDP).
         epsilon_tolerance: accuracy of the sigma calibration from ``target_epsilon``.
     """

@@ -3,13 +3,14 @@
 Three exact methods, all returning ``({name: (B, *param_shape)}, losses (B,))``:
 
 - :func:`vmap_per_sample_grads`: ``torch.func.vmap(grad(functional_call))``. Each example runs as a batch of one, so
-  Hugging Face's data-dependent mask shortcuts must not see a batched 2D mask: the padding mask is passed as a 4D
-  additive mask of the right kind (causal or bidirectional), found by :func:`detect_mask_kind`.
-- :func:`hooks_per_sample_grads`: Opacus ``GradSampleModule`` hooks (``loss_reduction="sum"``).
+  the padding mask is passed as a 4D additive mask of the kind the model uses (see :mod:`.masks`).
+- :func:`hooks_per_sample_grads`: Opacus ``GradSampleModule`` hooks (``loss_reduction="sum"``); every grad sample
+  must have the batch's leading dimension, else :class:`NotPrivatizableError`.
 - :func:`loop_per_sample_grads`: one backward per example (reference; any model).
 
 An example's loss is the mean over its *own* valid targets (``labels == -100`` ignored); nothing is normalised
-across examples, so one example's gradient never depends on the others.
+across examples, so one example's gradient never depends on the others. Positions under left padding are the
+caller's job (pass ``position_ids``; :func:`.masks.detect_position_handling` says when).
 """
 
 from __future__ import annotations
@@ -19,9 +20,26 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_map
 
-LABEL_KEYS = ("labels", "shift_labels")
-IGNORE_INDEX = -100
+from hf_svd_plugins.dp.batch import IGNORE_INDEX, LABEL_KEYS, logits_of, split_inputs
+from hf_svd_plugins.dp.masks import (
+    attention_mask_4d,
+    build_attention_mask,
+    detect_mask_kind,
+    float_dtype,
+    sliding_window_of,
+)
+
+__all__ = [
+    "IGNORE_INDEX", "LABEL_KEYS", "NotPrivatizableError", "attention_mask_4d", "detect_mask_kind",
+    "hooks_per_sample_grads", "loop_per_sample_grads", "per_example_loss", "trainable_parameters",
+    "unsupported_for_hooks", "vmap_per_sample_grads",
+]
+
+
+class NotPrivatizableError(ValueError):
+    """A per-example gradient cannot be computed for some parameter with the chosen method."""
 
 
 # ------------------------------------------------------------------------------------------------ per-example losses
@@ -90,82 +108,10 @@ def per_example_loss(
     return F.cross_entropy(logits, labels.reshape(-1), reduction="none", label_smoothing=label_smoothing)
 
 
-def _split_inputs(inputs: Mapping[str, object]) -> tuple[dict, torch.Tensor, str | None]:
-    """``(model_inputs, targets, target_key)``: labels are removed from what the model sees."""
-    model_inputs = {k: v for k, v in inputs.items() if k not in LABEL_KEYS}
-    if "shift_labels" in inputs:
-        return model_inputs, inputs["shift_labels"], "shift_labels"
-    if "labels" in inputs:
-        return model_inputs, inputs["labels"], "labels"
-    raise ValueError("the batch has no `labels`: DP training needs labels to compute each example's loss")
-
-
 def _loss_from_output(
     output: object, targets: torch.Tensor, loss_type: str, label_smoothing: float, problem_type: str | None
 ) -> torch.Tensor:
-    logits = output["logits"] if isinstance(output, Mapping) else output[0]
-    return per_example_loss(logits, targets, loss_type, label_smoothing, problem_type)
-
-
-# ---------------------------------------------------------------------------------------------------- attention masks
-
-
-def attention_mask_4d(attention_mask: torch.Tensor, causal: bool, dtype: torch.dtype) -> torch.Tensor:
-    """2D padding mask ``(B, T)`` (1 = token) -> additive 4D mask ``(B, 1, T, T)``: 0 where query t may attend key s,
-    the dtype's minimum elsewhere (``causal`` also forbids ``s > t``)."""
-    b, t = attention_mask.shape
-    allowed = attention_mask[:, None, None, :].bool().expand(b, 1, t, t)
-    if causal:
-        allowed = allowed & torch.ones(t, t, dtype=torch.bool, device=attention_mask.device).tril()
-    return torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
-
-
-def _float_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.dtype.is_floating_point:
-            return p.dtype
-    return torch.float32
-
-
-@torch.no_grad()
-def detect_mask_kind(model: nn.Module, inputs: Mapping[str, object], atol: float = 1e-4) -> str | None:
-    """Which 4D mask reproduces the model's own handling of ``attention_mask``: ``"causal"``, ``"bidirectional"``,
-    ``"none"`` (the batch has no ``attention_mask``), ``"ambiguous"`` (both do, e.g. sequences of length 1: ask again
-    on another batch), or None (neither; per-example vmap is then not verified).
-
-    Compares logits on the batch's valid positions, with the model in eval mode (no dropout).
-    """
-    model_inputs, _, _ = _split_inputs(inputs)
-    am = model_inputs.get("attention_mask")
-    if am is None:
-        return "none"
-    if am.dim() != 2:
-        return None
-    was_training = model.training
-    model.eval()
-    try:
-        ref = _logits(model(**model_inputs))
-        valid = am.bool() if ref.dim() == 3 else torch.ones(ref.shape[0], dtype=torch.bool, device=ref.device)
-        matches = []
-        for kind in ("causal", "bidirectional"):
-            try:
-                mask = attention_mask_4d(am, kind == "causal", _float_dtype(model))
-                out = _logits(model(**{**model_inputs, "attention_mask": mask}))
-            except Exception:  # noqa: BLE001 - a model that refuses 4D masks simply does not qualify
-                continue
-            if out.shape == ref.shape and torch.allclose(out[valid].float(), ref[valid].float(), atol=atol, rtol=1e-3):
-                matches.append(kind)
-        if len(matches) == 2:
-            return "ambiguous"
-        return matches[0] if matches else None
-    finally:
-        model.train(was_training)
-
-
-def _logits(output: object) -> torch.Tensor:
-    return output["logits"] if isinstance(output, Mapping) else output[0]
+    return per_example_loss(logits_of(output), targets, loss_type, label_smoothing, problem_type)
 
 
 # ------------------------------------------------------------------------------------------------ per-example grads
@@ -192,7 +138,8 @@ def vmap_per_sample_grads(
         params: ``{name: tensor}`` of the trainable parameters to differentiate.
         inputs: a collated batch; tensors with leading dim ``B`` are mapped, anything else is passed as is.
         loss_type: see :func:`per_example_loss`.
-        mask_kind: from :func:`detect_mask_kind`; a 2D ``attention_mask`` is turned into that 4D mask.
+        mask_kind: from :func:`~.masks.detect_mask_kind`; a 2D ``attention_mask`` is turned into that mask (windowed
+            kinds use the model config's ``sliding_window``).
         label_smoothing: as in ``F.cross_entropy``.
         problem_type: see :func:`per_example_loss`.
 
@@ -202,22 +149,24 @@ def vmap_per_sample_grads(
     """
     from torch.func import functional_call, grad, vmap
 
-    model_inputs, targets, _ = _split_inputs(inputs)
+    model_inputs, targets, _ = split_inputs(inputs)
     batch = targets.shape[0]
     am = model_inputs.get("attention_mask")
     if am is not None and am.dim() == 2:
-        if mask_kind not in ("causal", "bidirectional"):
+        if mask_kind not in ("causal", "bidirectional", "sliding_causal", "per_layer"):
             raise ValueError(
-                f"mask_kind={mask_kind!r}: the vmap method needs to know whether the model's attention is causal or "
-                "bidirectional; call detect_mask_kind() or use per_sample_method='loop'"
+                f"mask_kind={mask_kind!r}: the vmap method needs to know which attention mask the model applies; "
+                "call hf_svd_plugins.dp.masks.detect_mask_kind() or use per_sample_method='loop'"
             )
-        model_inputs["attention_mask"] = attention_mask_4d(am, mask_kind == "causal", _float_dtype(model))
-    mapped = {k: v for k, v in model_inputs.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch}
+        model_inputs["attention_mask"] = build_attention_mask(am, mask_kind, float_dtype(model),
+                                                              sliding_window_of(model))
+    mapped = {k: v for k, v in model_inputs.items()
+              if (torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch) or isinstance(v, dict)}
     fixed = {k: v for k, v in model_inputs.items() if k not in mapped}
     detached = {n: p.detach() for n, p in params.items()}
 
     def loss_one(p: dict[str, torch.Tensor], example: dict[str, torch.Tensor], target: torch.Tensor):
-        kwargs = {k: v.unsqueeze(0) for k, v in example.items()}
+        kwargs = tree_map(lambda v: v.unsqueeze(0), example)
         out = functional_call(model, p, args=(), kwargs={**kwargs, **fixed})
         loss = _loss_from_output(out, target.unsqueeze(0), loss_type, label_smoothing, problem_type)[0]
         return loss, loss.detach()
@@ -243,7 +192,7 @@ def loop_per_sample_grads(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-example gradients by one forward/backward per example (slow, exact for any model). Same contract as
     :func:`vmap_per_sample_grads`; each example keeps the batch's padding and 2D mask."""
-    model_inputs, targets, _ = _split_inputs(inputs)
+    model_inputs, targets, _ = split_inputs(inputs)
     batch = targets.shape[0]
     names = list(params)
     tensors = [params[n] for n in names]
@@ -287,20 +236,39 @@ def hooks_per_sample_grads(
         grad_sample_module: ``opacus.GradSampleModule(model, batch_first=True, loss_reduction="sum")``.
         params: ``{name: param}`` of the wrapped model's trainable parameters (``p.grad`` is left untouched).
         inputs, loss_type, label_smoothing, problem_type: as in :func:`vmap_per_sample_grads`.
+
+    Raises:
+        NotPrivatizableError: a parameter got a gradient but no per-example one, or one whose leading dimension is
+            not the batch (a parameter applied to the whole batch at once, e.g. learned position embeddings looked
+            up with ``(1, T)`` position ids: Opacus returns one sample for the whole batch).
     """
-    model_inputs, targets, _ = _split_inputs(inputs)
+    model_inputs, targets, _ = split_inputs(inputs)
+    batch = targets.shape[0]
     saved = {n: p.grad for n, p in params.items()}
     for p in params.values():
         p.grad_sample = None
         p.grad = None
-    with torch.enable_grad():
-        losses = _loss_from_output(grad_sample_module(**model_inputs), targets, loss_type, label_smoothing,
-                                   problem_type)
-        losses.sum().backward()
-    out = {}
-    for n, p in params.items():
-        gs = getattr(p, "grad_sample", None)
-        out[n] = torch.zeros((targets.shape[0], *p.shape), dtype=p.dtype, device=p.device) if gs is None else gs
-        p.grad_sample = None
-        p.grad = saved[n]
+    out, bad = {}, []
+    try:
+        with torch.enable_grad():
+            losses = _loss_from_output(grad_sample_module(**model_inputs), targets, loss_type, label_smoothing,
+                                       problem_type)
+            losses.sum().backward()
+        for n, p in params.items():
+            gs = getattr(p, "grad_sample", None)
+            if gs is None and p.grad is not None:
+                bad.append(f"{n} (a gradient but no per-example gradient)")
+            elif gs is not None and (gs.dim() != p.dim() + 1 or gs.shape[0] != batch):
+                bad.append(f"{n} (per-example gradient of shape {tuple(gs.shape)} for a batch of {batch})")
+            out[n] = torch.zeros((batch, *p.shape), dtype=p.dtype, device=p.device) if gs is None else gs
+    finally:
+        for n, p in params.items():
+            p.grad_sample = None
+            p.grad = saved[n]
+    if bad:
+        raise NotPrivatizableError(
+            f"per_sample_method='hooks' cannot privatise {bad[:4]}: Opacus computed no per-example gradient for "
+            "them (a parameter applied to the whole batch at once, such as learned position embeddings); use "
+            "per_sample_method='vmap' or 'loop'"
+        )
     return out, losses.detach()

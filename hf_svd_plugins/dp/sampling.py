@@ -81,7 +81,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         return self.steps_per_epoch * self.gradient_accumulation_steps
 
     def __iter__(self) -> Iterator[list[int]]:
-        gen = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + self.epoch)
+        gen = torch.Generator().manual_seed((int(self.seed) * 1_000_003 + self.epoch) % 2**64)
         for _ in range(self.steps_per_epoch):
             idx = poisson_sample(self.num_examples, self.sample_rate, gen)
             yield from split_logical_batch(idx, self.gradient_accumulation_steps, self.world_size, self.rank)
@@ -116,3 +116,25 @@ class PoissonDataLoader(DataLoader):
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.batch_sampler, "set_epoch"):
             self.batch_sampler.set_epoch(epoch)
+
+
+def poisson_dataloader(dataset, collate_fn, sample_rate: float, steps_per_epoch: int, args, seed: int) -> PoissonDataLoader:
+    """This rank's loader of Poisson-sampled logical batches for ``TrainingArguments`` ``args`` (micro-batches per
+    ``gradient_accumulation_steps``, shares per ``world_size``/``process_index``); empty micro-batches collate to
+    :data:`EMPTY_BATCH_KEY`."""
+    sampler = PoissonBatchSampler(
+        num_examples=len(dataset),
+        sample_rate=sample_rate,
+        steps_per_epoch=steps_per_epoch,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        world_size=max(1, args.world_size),
+        rank=args.process_index,
+        seed=seed,
+    )
+    return PoissonDataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=EmptySafeCollator(collate_fn),
+        num_workers=args.dataloader_num_workers,
+        pin_memory=args.dataloader_pin_memory,
+    )

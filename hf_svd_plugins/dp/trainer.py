@@ -2,29 +2,31 @@
 
 How it plugs into the Trainer's loop (transformers 5.x):
 
+- ``__init__``: refusals (:mod:`.checks`), noise calibration, secret seeds (:mod:`.seeds`). The user's
+  ``TrainingArguments`` and ``DPConfig`` are copied, never modified.
 - ``get_train_dataloader``: Poisson-sampled logical batches (:class:`~.sampling.PoissonBatchSampler`), split into
   ``gradient_accumulation_steps`` micro-batches and, under DDP, into one share per rank. The expected logical batch is
   ``per_device_train_batch_size * gradient_accumulation_steps * world_size``.
-- ``training_step``: per-example gradients of the trainable parameters (``vmap``/``hooks``/``loop``), each clipped to
-  ``C``, summed into float32 accumulators. No ``loss.backward()``; HF's ``num_items_in_batch`` is ignored, each
-  example's loss is the mean over its own valid targets.
+- ``training_step``: per-example gradients of the trainable parameters (:class:`~.engine.PerExampleGradients`), each
+  clipped to ``C``, summed into float32 accumulators (:class:`~.release.NoisyRelease`). No ``loss.backward()``; HF's
+  ``num_items_in_batch`` is not computed (each example's loss is the mean over its own valid targets).
 - Right before the optimizer step (``_get_grad_norm``, with a ``on_pre_optimizer_step`` callback as a fallback):
-  accumulators are summed over ranks, Gaussian noise ``N(0, sigma^2 C^2)`` is added once (the same noise on every rank,
-  from a generator seeded identically), the result is divided by the expected batch size and written to ``.grad``.
+  the optimizer must hold exactly the privatised parameters; accumulators are summed over ranks, Gaussian noise
+  ``N(0, sigma^2 C^2)`` is added once, the result is divided by the expected batch size and written to ``.grad``.
   The accountant records the step. The logged ``grad_norm`` is that of the released (noised) gradient.
 - DeepSpeed ZeRO-1/2: DeepSpeed steps inside ``accelerator.backward`` of the last micro-batch, so the release happens
   in ``training_step`` there, via a surrogate loss ``sum_p <p, g_p>`` (ZeRO-3 and FSDP are refused).
 - ``log``: adds ``epsilon`` to every log (training logs and final metrics).
-- ``_save_checkpoint`` / ``train(resume_from_checkpoint=...)``: ``dp_state.pt`` in every checkpoint holds the
-  accountant history, the noise generator state, sigma, q and the sampler seed; resuming restores them.
+- ``_save_checkpoint`` / ``train(resume_from_checkpoint=...)``: the private DP state (accountant history, noise
+  generator, sampler seed) is kept next to each checkpoint, never inside it (:mod:`.checkpoint`).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
-import math
 import os
-import secrets
 import warnings
 from typing import Any
 
@@ -32,38 +34,54 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from hf_svd_plugins.distributed import all_reduce_sum_, broadcast_int
+from hf_svd_plugins.distributed import world_size
 from hf_svd_plugins.dp.accounting import PrivacyAccountant, calibrate_noise_multiplier
-from hf_svd_plugins.dp.clipping import clip_and_sum, privatize
-from hf_svd_plugins.dp.config import DPConfig
-from hf_svd_plugins.dp.per_sample import (
-    detect_mask_kind,
-    hooks_per_sample_grads,
-    loop_per_sample_grads,
-    trainable_parameters,
-    unsupported_for_hooks,
-    vmap_per_sample_grads,
+from hf_svd_plugins.dp.checkpoint import (
+    LEGACY_STATE_NAME,
+    STATE_VERSION,
+    prune_private_states,
+    read_private_state,
+    refuse_noise_replay,
+    warn_if_checkpoints_pushed,
+    write_private_state,
 )
-from hf_svd_plugins.dp.sampling import EmptySafeCollator, PoissonBatchSampler, PoissonDataLoader, is_empty_batch
+from hf_svd_plugins.dp.checks import (
+    check_buffers_unchanged,
+    check_callbacks,
+    check_dataset,
+    check_no_batch_statistics,
+    check_only_private_parameters,
+    check_per_sample_method,
+    check_trainer_features,
+    saved_float_buffers,
+)
+from hf_svd_plugins.dp.clipping import clip_and_sum
+from hf_svd_plugins.dp.config import DPConfig
+from hf_svd_plugins.dp.engine import PerExampleGradients
+from hf_svd_plugins.dp.per_sample import trainable_parameters
+from hf_svd_plugins.dp.plan import planned_steps, steps_per_epoch, warn_shuffled_batches
+from hf_svd_plugins.dp.release import NoisyRelease
+from hf_svd_plugins.dp.sampling import is_empty_batch, poisson_dataloader
+from hf_svd_plugins.dp.seeds import derived_seed, secret_seed, shared_seed
 from hf_svd_plugins.lora import unwrap_model
 
 logger = logging.getLogger(__name__)
 
-DP_STATE_NAME = "dp_state.pt"
-_PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx")
+#: kept for code that looked for the state inside checkpoint folders (versions < 2)
+DP_STATE_NAME = LEGACY_STATE_NAME
 
 
 class _DPCallback(TrainerCallback):
-    """Budget check at every step start and noise injection before the optimizer step (fallback hook)."""
+    """Checks at train begin, budget check at every step start, noise injection before the optimizer step."""
 
     def __init__(self, trainer: DPMixin) -> None:
         self.trainer = trainer
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._dp_on_train_begin()
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.trainer._dp_on_train_begin(optimizer)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.trainer._dp_release_hooks()
+        self.trainer._dp_engine.release_hooks()
 
     def on_step_begin(self, args, state, control, **kwargs):
         t = self.trainer
@@ -81,12 +99,13 @@ class DPMixin:
     arguments. After training, :meth:`get_epsilon` is the privacy spent at the configured delta.
 
     Attributes (after construction):
-        dp_config: the :class:`DPConfig`.
+        dp_config: a copy of the :class:`DPConfig`.
         noise_multiplier: sigma in use (given or calibrated).
         sample_rate: q = expected batch / N.
         target_delta: delta in use.
         expected_batch_size: ``per_device_train_batch_size * gradient_accumulation_steps * world_size``.
         accountant: the :class:`~.accounting.PrivacyAccountant` (its history survives checkpoints).
+        dp_method_used, dp_loss_type: the per-example method and loss type chosen on the first batch.
     """
 
     def __init__(self, *args: Any, dp_config: DPConfig | None = None, **kwargs: Any) -> None:
@@ -96,45 +115,16 @@ class DPMixin:
             )
         if not isinstance(dp_config, DPConfig):
             raise TypeError(f"dp_config must be a DPConfig, got {type(dp_config).__name__}")
-        dp_config.validate()
-        self.dp_config = dp_config
+        self.dp_config = dataclasses.replace(dp_config)  # validated copy: later edits of the user's object do nothing
         super().__init__(*args, **kwargs)
+        self.args = copy.copy(self.args)  # DP changes max_grad_norm; the user's TrainingArguments stay as given
         self._dp_setup()
 
     # ------------------------------------------------------------------------------------------------------ setup
 
     def _dp_setup(self) -> None:
         cfg, args = self.dp_config, self.args
-        if getattr(args, "fp16", False):
-            raise ValueError(
-                "fp16=True is not supported under DP: loss scaling would scale per-example gradients before clipping; "
-                "use bf16=True or float32"
-            )
-        if self.is_fsdp_enabled:
-            raise ValueError(
-                "DPTrainer does not support FSDP (sharded parameters): run with DDP (`accelerate launch --multi_gpu`), "
-                "DeepSpeed ZeRO-1/2, or a single process"
-            )
-        if self.is_deepspeed_enabled:
-            plugin = self.accelerator.state.deepspeed_plugin
-            if plugin.zero_stage == 3:
-                raise ValueError(
-                    "DPTrainer does not support DeepSpeed ZeRO-3: per-example gradients need the full weights on "
-                    "every rank; use ZeRO-2 (or ZeRO-1, or DDP)"
-                )
-            if cfg.per_sample_method == "hooks":
-                raise ValueError(
-                    "per_sample_method='hooks' does not work under DeepSpeed (its backward would trigger DeepSpeed's "
-                    "gradient reduction hooks); use 'vmap' or 'loop'"
-                )
-            ds_clip = plugin.deepspeed_config.get("gradient_clipping", 0)
-            if ds_clip not in (0, 0.0, "auto", None):
-                warnings.warn(f"DeepSpeed gradient_clipping={ds_clip} is disabled under DP", UserWarning, stacklevel=3)
-            plugin.deepspeed_config["gradient_clipping"] = 0.0
-        if self.compute_loss_func is not None:
-            raise ValueError(
-                "compute_loss_func is not supported by DPTrainer: the per-example loss is set by DPConfig.loss_type"
-            )
+        check_trainer_features(self, cfg)
         if args.max_grad_norm and args.max_grad_norm > 0:
             warnings.warn(
                 f"TrainingArguments.max_grad_norm={args.max_grad_norm} is disabled under DP (batch-level clipping after "
@@ -150,48 +140,30 @@ class DPMixin:
             raise ValueError(
                 "the model has no trainable parameters; add a LoRA adapter (peft.get_peft_model) or unfreeze some"
             )
-        for name, module in model.named_modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training and module.track_running_stats:
-                raise ValueError(
-                    f"module {name} ({type(module).__name__}) mixes examples through batch statistics, which breaks "
-                    "per-example privacy; replace it with GroupNorm/LayerNorm or put it in eval mode"
-                )
-        self._dp_checkpointing = bool(
+        check_no_batch_statistics(model)
+        checkpointing = bool(
             getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
             or getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False))
         )
-        if self._dp_checkpointing and cfg.per_sample_method in ("vmap", "hooks"):
-            raise ValueError(
-                f"per_sample_method={cfg.per_sample_method!r} is not exact with activation (gradient) checkpointing: "
-                "the forward recomputed inside backward breaks Opacus hooks and torch.func; set "
-                "activation_checkpointing=False (and gradient_checkpointing=False) or per_sample_method='loop'"
-            )
-        if cfg.per_sample_method == "hooks":
-            bad = unsupported_for_hooks(model)
-            if bad:
-                raise ValueError(
-                    f"per_sample_method='hooks': Opacus has no grad sampler for trainable layers {bad[:5]}; "
-                    "use per_sample_method='vmap' or 'loop'"
-                )
+        check_per_sample_method(model, cfg, checkpointing)
+        check_callbacks(self.callback_handler.callbacks)
+        warn_if_checkpoints_pushed(args)
         self._dp_param_names = list(params)
-        ds = self.train_dataset
-        if ds is None or not hasattr(ds, "__len__") or isinstance(ds, torch.utils.data.IterableDataset):
-            raise ValueError(
-                "DPTrainer needs a map-style train_dataset with len() (Poisson sampling and accounting need N)"
-            )
-        n = len(ds)
+        self._dp_param_cache: tuple[nn.Module, dict[str, nn.Parameter]] | None = None
+        n = check_dataset(self.train_dataset)
+        self.num_train_examples = n
         self.target_delta = cfg.resolve_delta(n)
-        world = max(1, args.world_size)
-        self.expected_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+        self.expected_batch_size = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(
+            1, args.world_size
+        )
         if self.expected_batch_size > n:
             raise ValueError(
                 f"expected batch per optimizer step ({self.expected_batch_size} = per_device_train_batch_size x "
                 f"gradient_accumulation_steps x world_size) exceeds the {n} training examples; lower the batch size"
             )
-        self.num_train_examples = n
         self.sample_rate = self.expected_batch_size / n
-        self.dp_steps_per_epoch = max(1, n // self.expected_batch_size)
-        self.planned_steps = self._dp_planned_steps()
+        self.dp_steps_per_epoch = steps_per_epoch(args, cfg, n, self.expected_batch_size)
+        self.planned_steps = planned_steps(args, cfg, self.dp_steps_per_epoch)
         if cfg.noise_multiplier is not None:
             self.noise_multiplier = float(cfg.noise_multiplier)
         else:
@@ -211,22 +183,22 @@ class DPMixin:
                     f"sample_rate={self.sample_rate:.4g} spend epsilon={planned:.3f} > max_epsilon={limit}; raise "
                     "noise_multiplier, train fewer steps, or give target_epsilon instead to calibrate sigma"
                 )
-        seed = cfg.noise_seed if cfg.noise_seed is not None else secrets.randbits(62)
-        # every rank adds the same noise to the same all-reduced sum: noise is added once
-        seed = broadcast_int(seed, src=0)
-        self._dp_noise_generator = torch.Generator().manual_seed(seed)
-        self._dp_sampler_seed = cfg.sampler_seed if cfg.sampler_seed is not None else args.seed
-        self._dp_acc: list[torch.Tensor] | None = None
-        self._dp_pending = False
+        if not cfg.poisson_sampling:
+            warn_shuffled_batches(cfg, self.noise_multiplier, self.planned_steps, self.dp_steps_per_epoch,
+                                  self.target_delta)
+        # every rank adds the same noise to the same all-reduced sum, and takes its share of the same Poisson sample
+        self._dp_release = NoisyRelease(self.noise_multiplier, cfg.max_grad_norm, self.expected_batch_size,
+                                        shared_seed(cfg.noise_seed, "noise_seed"))
+        self._dp_lineage = secret_seed()  # identifies this noise stream among the run's saved states
+        self._dp_noise_draws = 0
+        self._dp_sampler_seed = shared_seed(cfg.sampler_seed, "sampler_seed")
+        self._dp_train_calls = 0
+        self._dp_engine = PerExampleGradients(cfg, checkpointing, self.is_deepspeed_enabled,
+                                              getattr(args, "label_smoothing_factor", 0.0))
+        self._dp_method_used: str | None = None
+        self._dp_buffers: dict[str, torch.Tensor] = {}
         self._dp_last_finalized_step = -1
         self._dp_steps_left: int | None = None
-        self._dp_method: str | None = None
-        self._dp_mask_kind: str | None = None
-        self._dp_loss_type: str | None = None
-        self._dp_problem_type: str | None = None
-        self._dp_undecided = False
-        self.dp_method_used: str | None = None
-        self._dp_grad_sample_module = None
         self.callback_handler.callbacks.insert(0, _DPCallback(self))
         logger.info(
             "DP-SGD: C=%s sigma=%.4f q=%.5g delta=%.3g expected batch=%d planned steps=%d accountant=%s",
@@ -234,24 +206,21 @@ class DPMixin:
             self.planned_steps, cfg.accountant,
         )
 
-    def _dp_planned_steps(self) -> int:
-        args = self.args
-        if self.dp_config.total_steps is not None:
-            return int(self.dp_config.total_steps)
-        if args.max_steps and args.max_steps > 0:
-            return int(args.max_steps)
-        if self.dp_config.poisson_sampling:
-            per_epoch = self.dp_steps_per_epoch
-        else:
-            micro = math.ceil(self.num_train_examples / (args.per_device_train_batch_size * max(1, args.world_size)))
-            per_epoch = max(1, micro // args.gradient_accumulation_steps)
-        return max(1, math.ceil(args.num_train_epochs * per_epoch))
-
     # ---------------------------------------------------------------------------------------------------- public
 
     def get_epsilon(self, delta: float | None = None) -> float:
         """Epsilon spent so far (all steps, including those before a resume) at ``delta`` (default: the config's)."""
         return self.accountant.get_epsilon(self.target_delta if delta is None else delta)
+
+    @property
+    def dp_method_used(self) -> str | None:
+        """The per-example method of the last batch: ``vmap``, ``hooks`` or ``loop``."""
+        return self._dp_method_used
+
+    @property
+    def dp_loss_type(self) -> str | None:
+        """The per-example loss type: ``causal_lm``, ``token`` or ``sequence`` (None before the first batch)."""
+        return self._dp_engine.loss_type
 
     # ------------------------------------------------------------------------------------------------------ data
 
@@ -271,125 +240,29 @@ class DPMixin:
             dataset = self._remove_unused_columns(dataset, description="training")
         else:
             collator = self._get_collator_with_removed_columns(collator, description="training")
-        args = self.args
-        sampler = PoissonBatchSampler(
-            num_examples=len(dataset),
-            sample_rate=self.sample_rate,
-            steps_per_epoch=self.dp_steps_per_epoch,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            world_size=max(1, args.world_size),
-            rank=args.process_index,
-            seed=self._dp_sampler_seed,
-        )
-        return PoissonDataLoader(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=EmptySafeCollator(collator),
-            num_workers=args.dataloader_num_workers,
-            pin_memory=args.dataloader_pin_memory,
-        )
+        return poisson_dataloader(dataset, collator, self.sample_rate, self.dp_steps_per_epoch, self.args,
+                                  self._dp_sampler_seed)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> None:
+        # DP normalises every example by its own targets and ignores num_items_in_batch. Not computing it also
+        # avoids a KeyError on empty Poisson micro-batches and a gather that a rank with an empty share would skip.
+        return None
+
+    def _track_num_input_tokens(self, inputs):
+        if is_empty_batch(inputs):  # count 0, but still join the gather the other ranks run
+            name = getattr(self.model, "main_input_name", "input_ids")
+            empty = torch.zeros((0,), dtype=torch.long, device=self.args.device)
+            inputs = {name: empty, "attention_mask": empty}
+        return super()._track_num_input_tokens(inputs)
 
     # ---------------------------------------------------------------------------------------------- per-example
 
-    def _dp_resolve(self, module: nn.Module, inputs: dict) -> None:
-        """Pick the loss type and the per-sample method on the first non-empty batch."""
-        cfg = self.dp_config
-        if any(k in inputs for k in _PACKED_KEYS):
-            raise ValueError(
-                "packed / padding-free batches put several examples in one row, which breaks per-example privacy; "
-                "disable packing and padding_free"
-            )
-        self._dp_problem_type = getattr(getattr(module, "config", None), "problem_type", None)
-        if cfg.loss_type != "auto":
-            self._dp_loss_type = cfg.loss_type
-        elif "shift_labels" in inputs:
-            self._dp_loss_type = "token"
-        else:
-            labels = inputs.get("labels")
-            if labels is None:
-                raise ValueError("the batches have no `labels`; DP training needs them to compute per-example losses")
-            if labels.dim() == 1 or labels.dtype.is_floating_point:
-                self._dp_loss_type = "sequence"
-            else:
-                self._dp_loss_type = "causal_lm" if _is_causal_lm(module) else "token"
-        method = cfg.per_sample_method
-        if method == "auto" and self._dp_checkpointing:
-            warnings.warn(
-                "DP: activation checkpointing is on, so only per_sample_method='loop' is exact (slow); set "
-                "activation_checkpointing=False for the fast vmap/hooks methods", UserWarning, stacklevel=2,
-            )
-            method = "loop"
-        if method in ("auto", "vmap"):
-            kind = detect_mask_kind(module, inputs)
-            if kind == "ambiguous":  # e.g. only length-1 sequences: exact loop for this batch, decide on the next one
-                self._dp_method = "loop"
-                self._dp_undecided = True
-                return
-            self._dp_undecided = False
-            if kind is None:
-                if method == "vmap":
-                    raise ValueError(
-                        "per_sample_method='vmap': could not verify how this model applies attention_mask to a 4D "
-                        "mask (neither causal nor bidirectional reproduces its outputs); use per_sample_method='loop'"
-                    )
-            else:
-                self._dp_mask_kind = kind
-        if method == "auto":
-            # vmap when verified (deterministic choice, so runs with fixed seeds are reproducible), else hooks
-            method = "vmap" if self._dp_mask_kind is not None else self._dp_fallback_method(module)
-        if method == "hooks" and self._dp_grad_sample_module is None:
-            from opacus import GradSampleModule
-
-            self._dp_grad_sample_module = GradSampleModule(module, batch_first=True, loss_reduction="sum")
-        self._dp_method = method
-        self.dp_method_used = method
-        logger.info("DP: per-sample method %s, loss type %s", method, self._dp_loss_type)
-
-    def _dp_fallback_method(self, module: nn.Module) -> str:
-        """``hooks`` if Opacus supports every trainable layer (and no DeepSpeed), else ``loop``."""
-        if not self.is_deepspeed_enabled and not unsupported_for_hooks(module):
-            return "hooks"
-        warnings.warn("DP: neither vmap nor Opacus hooks is exact for this model; using per_sample_method='loop'",
-                      UserWarning, stacklevel=3)
-        return "loop"
-
-    def _dp_release_hooks(self) -> None:
-        """Remove Opacus hooks from the user's model (re-created on the next train())."""
-        if self._dp_grad_sample_module is not None:
-            self._dp_grad_sample_module._close()
-            self._dp_grad_sample_module = None
-        self._dp_method = None
-        self._dp_param_cache = None
-
     def _dp_params(self, module: nn.Module) -> dict[str, nn.Parameter]:
-        """The privatised parameters ``{name: param}`` (looked up once per ``train()``)."""
-        cached = getattr(self, "_dp_param_cache", None)
-        if cached is None or cached[0] is not module:
+        """The privatised parameters ``{name: param}`` (fixed at construction; looked up once per module)."""
+        if self._dp_param_cache is None or self._dp_param_cache[0] is not module:
             wanted = set(self._dp_param_names)
-            cached = (module, {n: p for n, p in module.named_parameters() if n in wanted})
-            self._dp_param_cache = cached
-        return cached[1]
-
-    def _dp_per_sample(self, module: nn.Module, params: dict, inputs: dict) -> tuple[dict, torch.Tensor]:
-        ls = float(getattr(self.args, "label_smoothing_factor", 0.0) or 0.0)
-        if self._dp_method == "vmap":
-            try:
-                return vmap_per_sample_grads(module, params, inputs, self._dp_loss_type, self._dp_mask_kind, ls,
-                                             self._dp_problem_type)
-            except RuntimeError as exc:  # e.g. a forward hook calling requires_grad_ inside torch.func
-                if self.dp_config.per_sample_method != "auto":
-                    raise
-                self._dp_method = self.dp_method_used = self._dp_fallback_method(module)
-                warnings.warn(f"DP: vmap failed ({str(exc)[:200]}); using per_sample_method={self._dp_method!r}",
-                              UserWarning, stacklevel=2)
-                if self._dp_method == "hooks":
-                    from opacus import GradSampleModule
-
-                    self._dp_grad_sample_module = GradSampleModule(module, batch_first=True, loss_reduction="sum")
-        if self._dp_method == "hooks":
-            return hooks_per_sample_grads(self._dp_grad_sample_module, params, inputs, self._dp_loss_type, ls,
-                                          self._dp_problem_type)
-        return loop_per_sample_grads(module, params, inputs, self._dp_loss_type, ls, self._dp_problem_type)
+            self._dp_param_cache = (module, {n: p for n, p in module.named_parameters() if n in wanted})
+        return self._dp_param_cache[1]
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
@@ -405,41 +278,61 @@ class DPMixin:
             self._dp_deepspeed_release()
         return loss
 
+    def _dp_guarded(self, fn, *args: Any) -> Any:
+        """Run ``fn``; in a distributed run, a failure is recorded and raised on every rank at the step instead of
+        leaving the other ranks waiting in the all-reduce."""
+        if world_size() <= 1:
+            return fn(*args)
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank by NoisyRelease.release
+            logger.error("DP: this rank failed; stopping all ranks at the step: %r", exc)
+            self._dp_release.record_failure(exc)
+            return None
+
     def _dp_accumulate(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         device = self.args.device
-        if is_empty_batch(inputs) or (self._dp_steps_left is not None and self._dp_steps_left <= 0):
+        if (is_empty_batch(inputs) or (self._dp_steps_left is not None and self._dp_steps_left <= 0)
+                or self._dp_release.failure is not None):
             return torch.zeros((), device=device)
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
-        inputs = self._prepare_inputs(inputs)
+        loss = self._dp_guarded(self._dp_clip_and_add, self._prepare_inputs(inputs))
+        if loss is None:
+            return torch.zeros((), device=device)
+        per_rank = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        return loss / per_rank
+
+    def _dp_clip_and_add(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """Per-example gradients of one micro-batch, clipped and added to the accumulators; returns the summed loss."""
         module = unwrap_model(self.model)
         params = self._dp_params(module)
-        if self._dp_method is None or self._dp_undecided:
-            self._dp_resolve(module, inputs)
+        engine = self._dp_engine
+        inputs = engine.prepare(module, inputs)
         targets = inputs.get("shift_labels", inputs.get("labels"))
         batch = int(targets.shape[0])
         chunk = self.dp_config.max_physical_batch_size or batch
-        if self._dp_acc is None:
-            self._dp_acc = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params.values()]
-        total_loss = torch.zeros((), dtype=torch.float32, device=device)
+        total_loss = torch.zeros((), dtype=torch.float32, device=self.args.device)
         for start in range(0, batch, chunk):
             sub = {k: (v[start : start + chunk] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch else v)
                    for k, v in inputs.items()}
-            grads, losses = self._dp_per_sample(module, params, sub)
+            grads, losses = engine.compute(module, params, sub)
             sums, _ = clip_and_sum([grads[n] for n in params], self.dp_config.max_grad_norm)
-            for acc, s in zip(self._dp_acc, sums, strict=True):
-                acc.add_(s.to(acc.dtype))
-            total_loss += losses.detach().float().sum().to(device)
-        self._dp_pending = True
-        per_rank = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
-        return total_loss / per_rank
+            self._dp_release.add(sums)
+            total_loss += losses.detach().float().sum().to(self.args.device)
+        self._dp_method_used = engine.method
+        return total_loss
 
     def _dp_deepspeed_release(self) -> None:
         """DeepSpeed steps inside ``accelerator.backward`` of the last micro-batch: release the private gradient
         there, through a surrogate loss ``sum_p <p, g_p>`` whose gradient is exactly ``g`` (identical on every rank,
         so DeepSpeed's data-parallel averaging keeps it unchanged)."""
-        params = list(self._dp_params(unwrap_model(self.model)).values())
+        module = unwrap_model(self.model)
+        private = self._dp_params(module)
+        self._dp_guarded(check_only_private_parameters, module, private, self.optimizer, True)
+        self._dp_guarded(check_buffers_unchanged, module, self._dp_buffers)
+        params = list(private.values())
         released = self._dp_release_gradient(params)
         if released is None:
             return  # budget exhausted: no backward, so DeepSpeed takes no step
@@ -459,9 +352,13 @@ class DPMixin:
         """DDP / single process: release the private gradient into ``.grad`` right before the optimizer step."""
         if self.is_deepspeed_enabled:
             return  # released inside the last micro-batch's backward (see _dp_deepspeed_release)
-        params = list(self._dp_params(unwrap_model(self.model)).values())
         if self._dp_last_finalized_step == self.state.global_step:
             return
+        module = unwrap_model(self.model)
+        private = self._dp_params(module)
+        self._dp_guarded(check_only_private_parameters, module, private, self.optimizer)
+        self._dp_guarded(check_buffers_unchanged, module, self._dp_buffers)
+        params = list(private.values())
         released = self._dp_release_gradient(params)
         if released is None:
             for p in params:  # no update at all: optimizers skip parameters without a gradient
@@ -477,15 +374,14 @@ class DPMixin:
         Returns None (and stops training) when the step would exceed the hard budget.
         """
         self._dp_last_finalized_step = self.state.global_step
-        acc = self._dp_acc or [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
-        self._dp_acc = None
-        self._dp_pending = False
         if self._dp_steps_left is not None and self._dp_steps_left <= 0:
+            self._dp_release.discard()
+            if self._dp_release.failure is not None:  # no rank runs a collective here: raise locally
+                raise self._dp_release.failure
             self._dp_stop_for_budget(self.control)
             return None
-        all_reduce_sum_(acc)
-        released = privatize(acc, self.noise_multiplier, self.dp_config.max_grad_norm, self.expected_batch_size,
-                             self._dp_noise_generator)
+        released = self._dp_release.release(params)
+        self._dp_noise_draws += 1
         self.accountant.step(self.noise_multiplier, self.sample_rate)
         if self._dp_steps_left is not None:
             self._dp_steps_left -= 1
@@ -499,9 +395,13 @@ class DPMixin:
             )
         control.should_training_stop = True
 
-    def _dp_on_train_begin(self) -> None:
-        self._dp_acc = None
+    def _dp_on_train_begin(self, optimizer) -> None:
+        check_callbacks(self.callback_handler.callbacks)  # also those added after construction
+        self._dp_release.discard()
         self._dp_last_finalized_step = -1
+        module = unwrap_model(self.model)
+        check_only_private_parameters(module, self._dp_params(module), optimizer, self.is_deepspeed_enabled)
+        self._dp_buffers = saved_float_buffers(module)
         limit = self.dp_config.epsilon_limit
         if limit is None:
             self._dp_steps_left = None
@@ -527,11 +427,13 @@ class DPMixin:
     # -------------------------------------------------------------------------------------------- checkpoints
 
     def dp_state_dict(self) -> dict:
-        """Everything DP needs to resume: accountant history, noise RNG, sigma, q, delta, sampler seed."""
+        """Everything DP needs to resume: accountant history, noise RNG, sampler seed (secret), sigma, q, delta."""
         return {
-            "version": 1,
+            "version": STATE_VERSION,
+            "lineage": self._dp_lineage,
+            "noise_draws": self._dp_noise_draws,
             "accountant": self.accountant.state_dict(),
-            "noise_generator": self._dp_noise_generator.get_state(),
+            "noise_generator": self._dp_release.generator.get_state(),
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": self.sample_rate,
             "target_delta": self.target_delta,
@@ -544,12 +446,14 @@ class DPMixin:
 
     def load_dp_state_dict(self, state: dict) -> None:
         self.accountant.load_state_dict(state["accountant"])
-        self._dp_noise_generator.set_state(state["noise_generator"])
-        self._dp_sampler_seed = state["sampler_seed"]
+        self._dp_release.generator.set_state(state["noise_generator"])
+        self._dp_sampler_seed = int(state["sampler_seed"])
+        self._dp_lineage = state.get("lineage", self._dp_lineage)
+        self._dp_noise_draws = int(state.get("noise_draws", self.accountant.steps))
         if state["sample_rate"] != self.sample_rate or state["noise_multiplier"] != self.noise_multiplier:
             if self.dp_config.target_epsilon is not None:
                 # sigma was calibrated for the original plan; keep it so the plan's guarantee still holds
-                self.noise_multiplier = float(state["noise_multiplier"])
+                self.noise_multiplier = self._dp_release.noise_multiplier = float(state["noise_multiplier"])
             warnings.warn(
                 f"DP: resuming with sample_rate={self.sample_rate:.4g}, sigma={self.noise_multiplier:.4g} (checkpoint: "
                 f"{state['sample_rate']:.4g}, {state['noise_multiplier']:.4g}); the accountant composes both",
@@ -562,67 +466,38 @@ class DPMixin:
         if self.args.should_save:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-            out = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            os.makedirs(out, exist_ok=True)
-            torch.save(self.dp_state_dict(), os.path.join(out, DP_STATE_NAME))
+            run_dir = self._get_output_dir(trial=trial)
+            folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            write_private_state(self.dp_state_dict(), folder)
+            prune_private_states(run_dir)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        check_callbacks(self.callback_handler.callbacks)
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             from transformers.trainer_utils import get_last_checkpoint
 
             checkpoint = get_last_checkpoint(self.args.output_dir)
         if isinstance(checkpoint, str):
-            path = os.path.join(checkpoint, DP_STATE_NAME)
-            if not os.path.isfile(path):
-                raise ValueError(
-                    f"resume_from_checkpoint={checkpoint!r} has no {DP_STATE_NAME}: it was not written by a DP trainer, "
-                    "and resuming from it would forget the privacy already spent"
-                )
-            self.load_dp_state_dict(torch.load(path, weights_only=False))
+            state, _ = read_private_state(checkpoint)
+            refuse_noise_replay(checkpoint, state)
+            self.load_dp_state_dict(state)
+        elif self._dp_train_calls > 0:
+            # a new run on the same data: a new Poisson sample, or the accountant would compose replayed batches
+            # as if they were independent
+            explicit = self.dp_config.sampler_seed
+            self._dp_sampler_seed = secret_seed() if explicit is None else derived_seed(explicit, self._dp_train_calls)
+        self._dp_train_calls += 1
         return super().train(resume_from_checkpoint, *args, **kwargs)
-
-
-def _is_causal_lm(module: nn.Module) -> bool:
-    """Same rule as ``Trainer.compute_loss``: the (PEFT-unwrapped) model class is a causal-LM class."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    base = module.get_base_model() if hasattr(module, "get_base_model") else module
-    return type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
 class DPTrainer(DPMixin, Trainer):
     """``transformers.Trainer`` with DP-SGD. ``DPTrainer(model=..., args=..., train_dataset=..., dp_config=...)``."""
 
 
-_DP_SFT_TRAINER: type | None = None
-
-
-def get_dp_sft_trainer_class() -> type:
-    """``DPSFTTrainer(DPMixin, trl.SFTTrainer)``, built on first use so that importing this module does not import TRL."""
-    global _DP_SFT_TRAINER
-    if _DP_SFT_TRAINER is None:
-        from trl import SFTTrainer
-
-        class DPSFTTrainer(DPMixin, SFTTrainer):
-            """TRL ``SFTTrainer`` with DP-SGD. Packing and padding-free batches are refused (they mix examples)."""
-
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                sft_args = kwargs.get("args")
-                if sft_args is not None and (getattr(sft_args, "packing", False)
-                                             or getattr(sft_args, "padding_free", False)):
-                    raise ValueError(
-                        "SFTConfig(packing=True / padding_free=True) puts several examples in one row, which breaks "
-                        "per-example privacy; set packing=False and padding_free=False"
-                    )
-                super().__init__(*args, **kwargs)
-
-        DPSFTTrainer.__module__ = __name__
-        _DP_SFT_TRAINER = DPSFTTrainer
-    return _DP_SFT_TRAINER
-
-
 def __getattr__(name: str):
     if name == "DPSFTTrainer":
+        from hf_svd_plugins.dp.sft import get_dp_sft_trainer_class
+
         return get_dp_sft_trainer_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
