@@ -220,6 +220,73 @@ def test_config_validation(kwargs, match):
         DPConfig(**kwargs)
 
 
+class MeanPoolIgnoringMask(torch.nn.Module):
+    """Mean over every position of the row, padding included: its output depends on the padded length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, 8)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return {"logits": self.head(torch.tanh(self.embed(input_ids)).mean(dim=1))}
+
+
+def test_loop_strips_each_examples_padding():
+    """The loop used to keep the batch's padding (and 2D mask) for every example, so a model that does not honour
+    the mask gave gradients depending on the batch's longest example. Each example now runs alone, unpadded."""
+    torch.manual_seed(0)
+    model = MeanPoolIgnoringMask().double()
+    ds = TinyTokenDataset(n=4, kind="cls", min_len=3, max_len=12, seed=1)
+    batch = pad_collate([ds[i] for i in range(4)])
+    assert len(set(batch["attention_mask"].sum(-1).tolist())) > 1
+    params = trainable_parameters(model)
+    grads, losses = loop_per_sample_grads(model, params, batch, "sequence")
+    for i in range(4):
+        length = int(batch["attention_mask"][i].sum())
+        loss = torch.nn.functional.cross_entropy(model(batch["input_ids"][i : i + 1, :length])["logits"],
+                                                 batch["labels"][i : i + 1])
+        ref = torch.autograd.grad(loss, list(params.values()))
+        torch.testing.assert_close(losses[i], loss.detach())
+        for n, g in zip(params, ref, strict=True):
+            torch.testing.assert_close(grads[n][i], g, rtol=1e-10, atol=1e-12, msg=n)
+
+
+class TiedOutputLM(torch.nn.Module):
+    """The embedding matrix is also the output layer, used directly (``F.linear(h, embed.weight)``): Opacus' hooks
+    only see its use through ``nn.Embedding``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, 16)
+        self.mix = torch.nn.Linear(16, 16)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("this model takes a 2D attention_mask only")
+        hidden = torch.tanh(self.mix(self.embed(input_ids)))
+        return {"logits": torch.nn.functional.linear(hidden, self.embed.weight)}
+
+
+def test_hooks_refuse_a_parameter_used_outside_its_module():
+    """Opacus returned only the nn.Embedding part of the tied matrix's per-example gradient (0.17 off the exact
+    loop): the grad samples are now checked to sum to the gradient of the same backward."""
+    from opacus import GradSampleModule
+
+    from hf_svd_plugins.dp.per_sample import NotPrivatizableError
+
+    torch.manual_seed(0)
+    model = TiedOutputLM().double().train()
+    batch = pad_collate([TinyTokenDataset(n=4)[i] for i in range(4)])
+    params = trainable_parameters(model)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    try:
+        with pytest.raises(NotPrivatizableError, match=r"embed\.weight .*do not sum to its gradient"):
+            hooks_per_sample_grads(gsm, params, batch, "causal_lm")
+    finally:
+        gsm._close()
+
+
 def test_delta_default_and_refusal():
     cfg = DPConfig(noise_multiplier=1.0)
     assert cfg.resolve_delta(1000) == pytest.approx(1e-5)

@@ -194,7 +194,8 @@ class DPMixin:
         self._dp_sampler_seed = shared_seed(cfg.sampler_seed, "sampler_seed")
         self._dp_train_calls = 0
         self._dp_engine = PerExampleGradients(cfg, checkpointing, self.is_deepspeed_enabled,
-                                              getattr(args, "label_smoothing_factor", 0.0))
+                                              getattr(args, "label_smoothing_factor", 0.0),
+                                              low_precision=bool(getattr(args, "bf16", False)))
         self._dp_method_used: str | None = None
         self._dp_buffers: dict[str, torch.Tensor] = {}
         self._dp_last_finalized_step = -1
@@ -309,7 +310,7 @@ class DPMixin:
         module = unwrap_model(self.model)
         params = self._dp_params(module)
         engine = self._dp_engine
-        inputs = engine.prepare(module, inputs)
+        inputs = engine.prepare(module, params, inputs)
         targets = inputs.get("shift_labels", inputs.get("labels"))
         batch = int(targets.shape[0])
         chunk = self.dp_config.max_physical_batch_size or batch
