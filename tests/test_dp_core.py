@@ -212,12 +212,35 @@ def test_poisson_sample_rate_statistics():
         ({"noise_multiplier": 1.0, "per_sample_method": "ghost"}, "per_sample_method"),
         ({"noise_multiplier": 1.0, "max_physical_batch_size": 0}, "max_physical_batch_size"),
         ({"target_epsilon": 3.0, "total_steps": 0}, "total_steps"),
-        ({"target_epsilon": 3.0, "total_steps": 2.5}, "total_steps"),
+        ({"noise_multiplier": 1.0, "noise_seed": -1}, "noise_seed"),
     ],
 )
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DPConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_physical_batch_size", 2.5), ("max_physical_batch_size", True), ("sampler_seed", 1.5),
+        ("noise_seed", "1"), ("noise_seed", True), ("poisson_sampling", "no"), ("poisson_sampling", 1),
+        ("total_steps", 2.5), ("accountant", 3), ("per_sample_method", None), ("loss_type", 1),
+        ("max_grad_norm", "1.0"), ("target_delta", "1e-5"), ("max_epsilon", True), ("eps_error", None),
+    ],
+)
+def test_config_type_errors_name_the_field(field, value):
+    """Wrong types were accepted and failed mid-training (max_physical_batch_size=2.5: TypeError in range()), were
+    silently truncated (sampler_seed=1.5) or read as truthy (poisson_sampling="no"): TypeError naming the field."""
+    with pytest.raises(TypeError, match=rf"DPConfig\.{field}="):
+        DPConfig(**{"noise_multiplier": 1.0, field: value})
+
+
+def test_config_accepts_numpy_scalars():
+    import numpy as np
+
+    cfg = DPConfig(noise_multiplier=np.float64(1.0), max_physical_batch_size=np.int64(2), sampler_seed=np.int64(3))
+    assert cfg.max_physical_batch_size == 2
 
 
 class MeanPoolIgnoringMask(torch.nn.Module):
