@@ -12,10 +12,12 @@ from hf_svd_plugins.merging.specs import check_not_peft, named_weights
 
 __all__ = ["check_configs", "check_models", "mixing_weights", "model_state"]
 
-# Config fields that may differ between two checkpoints of the same architecture.
+# Config fields that may differ between two checkpoints of one architecture: provenance, dtype and runtime flags
+# (the Trainer itself switches ``use_cache`` off while training).
 _IGNORED_CONFIG_KEYS = {
     "_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
     "_attn_implementation", "_attn_implementation_autoset", "_attn_implementation_internal", "architectures",
+    "use_cache", "output_attentions", "output_hidden_states", "return_dict", "torchscript",
 }
 
 
