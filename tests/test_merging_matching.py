@@ -71,7 +71,7 @@ def test_objective_never_decreases_and_matches_an_independent_sum(family):
     result = weight_matching(a, b, seed=3, compute_dtype=torch.float64)
     assert len(result.objective) == result.passes + 1 >= 2
     assert all(y >= x - 1e-9 * abs(x) for x, y in zip(result.objective, result.objective[1:], strict=False))
-    assert result.objective[-1] > result.objective[0]
+    assert result.objective[-1] > _objective(a, b)  # better than no alignment
     aligned = apply_permutations(b, result.perms)
     independent = sum(float((p.double() * q.double()).sum()) for p, q in
                       zip(model_state(a).values(), model_state(aligned).values(), strict=True))

@@ -15,7 +15,7 @@ import sys
 
 HELP = "align checkpoints by weight matching (Git Re-Basin) and merge them"
 
-METHOD_CHOICES = ("weight_matching", "naive", "ste", "activation")
+METHOD_CHOICES = ("weight_matching", "naive", "ste", "activation", "orthogonal")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-passes", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ste-steps", type=int, default=100)
-    parser.add_argument("--ste-lr", type=float, default=1e-3)
+    parser.add_argument("--ste-lr", type=float, default=1e-2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

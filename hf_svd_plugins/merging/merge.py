@@ -5,6 +5,8 @@ Methods:
   others until a round changes nothing).
 * ``"activation"``: activation matching on a few batches (each model aligned to the reference).
 * ``"ste"``: straight-through estimator on a few batches, initialised from weight matching (each to the reference).
+* ``"orthogonal"``: Llama family with an untied head: norm gains folded, weight matching plus an orthogonal map of
+  the residual stream (orthogonal Procrustes; see :mod:`hf_svd_plugins.merging.orthogonal`), each to the reference.
 * ``"naive"``: no alignment (plain weight averaging, the baseline).
 The merge is ``sum_k w_k pi_k(model_k)`` in the ``reference`` model's basis, accumulated in float32 and cast back to
 each parameter's dtype. Memory: every model's weights, their aligned copies and the float32 sum.
@@ -26,21 +28,28 @@ from hf_svd_plugins.merging.specs import PermutationSpec, named_weights, permuta
 
 __all__ = ["METHODS", "Alignment", "align_models", "average_states", "load_state_into", "merge_models"]
 
-METHODS = ("weight_matching", "naive", "ste", "activation")
+METHODS = ("weight_matching", "naive", "ste", "activation", "orthogonal")
 
 
 @dataclass
 class Alignment:
-    """One permutation dict per model (identity for the reference) and the search result behind each."""
+    """One permutation dict per model (identity for the reference) and the search result behind each.
+
+    ``states`` holds the aligned states when they are more than permutations (``"orthogonal"``: folded gains and a
+    rotated residual stream, the reference folded too).
+    """
 
     perms: list[dict[str, torch.Tensor]]
     results: list[MatchResult | None]
     spec: PermutationSpec
     method: str
     reference: int
+    states: list[dict[str, torch.Tensor]] | None = None
 
     def aligned_states(self, models: Sequence[nn.Module]) -> list[dict[str, torch.Tensor]]:
         """``pi_k(model_k)`` for every model, as ``{name: tensor}``."""
+        if self.states is not None:
+            return self.states
         return [permute_state(model_state(m), self.spec, p) for m, p in zip(models, self.perms, strict=True)]
 
 
@@ -56,7 +65,7 @@ def _check_call(models: Sequence[nn.Module], method: str, reference: int, data: 
 
 def align_models(models: Sequence[nn.Module], method: str = "weight_matching", reference: int = 0,
                  spec: PermutationSpec | None = None, data: Iterable | None = None, seed: int = 0,
-                 progress: bool = False, max_passes: int = 100, ste_steps: int = 100, ste_lr: float = 1e-3,
+                 progress: bool = False, max_passes: int = 100, ste_steps: int = 100, ste_lr: float = 1e-2,
                  max_tokens: int = 4096, **match_kwargs) -> Alignment:
     """The permutations that bring every model into ``models[reference]``'s basis (see :func:`merge_models`)."""
     _check_call(models, method, reference, data)
@@ -73,6 +82,8 @@ def align_models(models: Sequence[nn.Module], method: str = "weight_matching", r
                                         max_passes=max_passes, **match_kwargs)
         results = [None if i == reference else r for i, r in enumerate(many)]
         return Alignment(perms, results, spec, method, reference)
+    if method == "orthogonal":
+        return _align_orthogonal(models, reference, spec, perms, seed, max_passes, match_kwargs)
     data = list(data) if data is not None else None
     for i, model in enumerate(models):
         if i == reference:
@@ -92,6 +103,20 @@ def align_models(models: Sequence[nn.Module], method: str = "weight_matching", r
                                progress=progress, **match_kwargs)
         perms[i], results[i] = res.perms, res
     return Alignment(perms, results, spec, method, reference)
+
+
+def _align_orthogonal(models, reference, spec, perms, seed, max_passes, match_kwargs) -> Alignment:
+    from hf_svd_plugins.merging.orthogonal import orthogonal_alignment
+
+    states: list = [None] * len(models)
+    results: list[MatchResult | None] = [None] * len(models)
+    for i, model in enumerate(models):
+        if i == reference:
+            continue
+        res = orthogonal_alignment(models[reference], model, seed=seed, max_passes=max_passes, **match_kwargs)
+        states[reference], states[i], perms[i] = res.state_a, res.state_b, {**perms[i], **res.perms}
+        results[i] = MatchResult(perms=perms[i], objective=res.objective, passes=len(res.objective))
+    return Alignment(perms, results, spec, "orthogonal", reference, states)
 
 
 def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
@@ -114,7 +139,8 @@ def merge_models(models: Sequence[nn.Module], method: str = "weight_matching", w
 
     Args:
         models: 2 or more models of one architecture and config (plain models: ``merge_and_unload()`` PEFT ones).
-        method: ``"weight_matching"`` (MergeMany for N >= 3), ``"activation"``, ``"ste"`` or ``"naive"``.
+        method: ``"weight_matching"`` (MergeMany for N >= 3), ``"activation"``, ``"ste"``, ``"orthogonal"``
+            (Llama family) or ``"naive"``.
         weights: mixing weights, one per model (normalised to sum to 1; default uniform).
         reference: the model whose basis (and config, buffers, class) the merge keeps.
         spec: permutation spec (default: built from ``config.model_type`` or the ``nn.Sequential``).
