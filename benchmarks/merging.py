@@ -183,11 +183,13 @@ def analyse_pair(name: str, models, eval_batches, calib, args, store: Store) -> 
         seconds = time.time() - t0
         start, aligned = alignment.aligned_states([a, b])  # start: A itself, or A with folded gains (orthogonal)
         path = interpolation_path(_holding(a, start), aligned, eval_batches, args.points)
+        train_path = interpolation_path(_holding(a, start), aligned, calib, args.points)
         reports = layer_report(start, aligned)
         top = [layer_report(start, aligned, top_k=max(1, min(r.shape) // 10), names=[r.name])[0].r
                for r in reports]
         res = alignment.results[1]
-        out[method] = {"barrier": path.barrier, "accuracy_barrier": path.accuracy_barrier,
+        out[method] = {"barrier": path.barrier, "train_barrier": train_path.barrier,
+                       "accuracy_barrier": path.accuracy_barrier,
                        "midpoint_loss": path.midpoint_loss, "losses": path.losses, "accuracies": path.accuracies,
                        "l2": l2_distance(start, aligned), "r": summarize_layers(reports)["mean_r"],
                        "r_top10pct": float(np.mean(top)), "seconds": seconds,
@@ -262,11 +264,13 @@ def cost_section(args, store: Store) -> None:
         for p in other.parameters():
             p.add_(args.noise * p.std() * torch.randn(p.shape, generator=g))
     load_before = os.getloadavg()[0]
+    cpu = time.process_time()
     result = weight_matching(model, other, progress=True)
+    cpu = time.process_time() - cpu
     aligned = apply_permutations(other, result.perms, spec)
     recovered = all(torch.allclose(p, q, atol=5 * args.noise * float(p.std()) + 1e-6)
                     for p, q in zip(model.parameters(), aligned.parameters(), strict=True))
-    out = {"seconds": result.seconds, "cost_seconds": result.cost_seconds,
+    out = {"seconds": result.seconds, "cpu_seconds": cpu, "cost_seconds": result.cost_seconds,
            "assignment_seconds": result.assignment_seconds, "passes": result.passes, "perms": len(spec.perms),
            "recovered": recovered, "load_before": load_before, "load_after": os.getloadavg()[0],
            "noise": args.noise, "objective": result.objective}
@@ -285,11 +289,12 @@ def tables(store: Store) -> str:
         if not pair:
             continue
         lines += [f"### {name}: pair of seeds 0 and 1", "",
-                  "| method | loss barrier | accuracy barrier | midpoint loss | L2 to A | mean R | mean R, top 10% | "
-                  "seconds |", "|---|---|---|---|---|---|---|---|"]
+                  "| method | loss barrier (held out) | loss barrier (train batches) | accuracy barrier | midpoint loss | "
+                  "L2 to A | mean R | mean R, top 10% | seconds |", "|---|---|---|---|---|---|---|---|---|"]
         for m in [m for m in METHODS + ("orthogonal",) if m in pair]:
             r = pair[m]
-            lines.append(f"| {m} | {r['barrier']:.4f} | {r['accuracy_barrier']:.4f} | {r['midpoint_loss']:.4f} | "
+            lines.append(f"| {m} | {r['barrier']:.4f} | {r.get('train_barrier', float('nan')):.4f} | "
+                         f"{r['accuracy_barrier']:.4f} | {r['midpoint_loss']:.4f} | "
                          f"{r['l2']:.3f} | {r['r']:.3f} | {r['r_top10pct']:.3f} | {r['seconds']:.1f} |")
         naive = pair["naive"]["barrier"]
         cut = {m: 1 - pair[m]["barrier"] / naive for m in METHODS[1:] + ("orthogonal",) if m in pair} if naive else {}
@@ -304,13 +309,20 @@ def tables(store: Store) -> str:
                              f"(max {max(wm.values()):.4f}), STE mean {np.mean(list(ste.values())):.4f} "
                              f"(max {max(ste.values()):.4f})")
         lines.append("")
+    rows = [(name, d[f"{name}/pair"]["weight_matching"]) for name in ("mlp", "gpt2", "llama") if d.get(f"{name}/pair")]
     cost = d.get("cost/smollm2")
-    if cost:
-        lines += ["### cost: SmolLM2-135M vs a permuted copy with noise "
-                  f"{cost['noise']} x std", "",
-                  f"{cost['seconds']:.1f} s ({cost['cost_seconds']:.1f} s costs, {cost['assignment_seconds']:.1f} s "
-                  f"assignments), {cost['passes']} passes, {cost['perms']} permutations, recovered: "
-                  f"{cost['recovered']}; load average {cost['load_before']:.1f} -> {cost['load_after']:.1f}", ""]
+    if rows or cost:
+        lines += ["### cost of weight matching per pair", "",
+                  "| model | wall seconds | building costs | assignments | passes |", "|---|---|---|---|---|"]
+        lines += [f"| {n} (1 thread) | {r['seconds']:.2f} | {r['cost_seconds']:.2f} | {r['assignment_seconds']:.2f} | "
+                  f"{r['passes']} |" for n, r in rows]
+        if cost:
+            lines += [f"| SmolLM2-135M vs permuted copy + {cost['noise']} x std noise (2 threads) | "
+                      f"{cost['seconds']:.1f} (process CPU {cost['cpu_seconds']:.1f}) | {cost['cost_seconds']:.1f} | "
+                      f"{cost['assignment_seconds']:.1f} | {cost['passes']} |", "",
+                      f"SmolLM2: {cost['perms']} permutations, planted permutation recovered: {cost['recovered']}; "
+                      f"load average {cost['load_before']:.1f} before, {cost['load_after']:.1f} after."]
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ the Trainer hook is :class:`PermutationMergeCallback`, the CLI verb ``hf-svd mer
 from hf_svd_plugins.merging.activation import activation_matching
 from hf_svd_plugins.merging.matching import MatchResult, match_states, merge_many_states, weight_matching
 from hf_svd_plugins.merging.merge import METHODS, Alignment, align_models, merge_models
+from hf_svd_plugins.merging.orthogonal import orthogonal_alignment
 from hf_svd_plugins.merging.permute import apply_permutations, identity_permutations, random_permutations
 from hf_svd_plugins.merging.specs import (
     SPEC_BUILDERS,
@@ -33,6 +34,7 @@ __all__ = [
     "match_states",
     "merge_many_states",
     "merge_models",
+    "orthogonal_alignment",
     "permutation_spec",
     "random_permutations",
     "register_spec_builder",

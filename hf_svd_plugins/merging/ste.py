@@ -59,10 +59,10 @@ def ste_matching(model_a: nn.Module, model_b: nn.Module, batches: Iterable, spec
     loss_fn = loss_fn or batch_loss
     state_a = {k: v.float() for k, v in model_state(model_a).items()}
     state_b = {k: v.float() for k, v in model_state(model_b).items()}
-    perms = dict(init or {})
+    perms = dict(init) if init else None  # None: the first projection is weight matching with its warm start
     free = {k: v.clone().requires_grad_(True) for k, v in state_a.items()}
     optimizer = torch.optim.SGD(list(free.values()), lr=lr, momentum=momentum)
-    result = SteResult(perms=perms)
+    result = SteResult(perms=dict(perms or {}))
     best_loss = float("inf")
     iterator = range(steps)
     if progress:
