@@ -296,11 +296,21 @@ def gathered_cpu_copy(model: nn.Module) -> nn.Module | None:
 
         adapter = getattr(inner, "active_adapter", None) or "default"
         copy = get_peft_model(copy, inner.peft_config[adapter], adapter_name=adapter)
+    persistent = copy.state_dict().keys()  # non-persistent buffers (RoPE inv_freq) are rebuilt by the constructor
     for name, buffer in inner.named_buffers():
-        state.setdefault(name, buffer.detach().to("cpu", copy=True))
+        if name in persistent:
+            state.setdefault(name, buffer.detach().to("cpu", copy=True))
     missing, unexpected = copy.load_state_dict(state, strict=False)
     params = dict(copy.named_parameters())
     missing = [k for k in missing if k in params]
     if missing or unexpected:
         raise RuntimeError(f"gathered copy does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return copy.eval()
+
+
+def loss_module(model: nn.Module) -> nn.Module:
+    """The module whose forward computes the loss: the transformers model inside a PEFT model, else ``model``
+    (unwrapped). Hooks that must see the logits the loss was computed from attach there: wrappers (PEFT, DeepSpeed's
+    per-module output functions) hand back new tensors around them."""
+    inner = unwrap_model(model)
+    return inner.get_base_model() if hasattr(inner, "peft_config") else inner

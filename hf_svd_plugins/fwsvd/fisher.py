@@ -32,7 +32,7 @@ from torch import nn
 
 from hf_svd_plugins.fwsvd.core import DEFAULT_CHUNK_BYTES, batch_fisher, per_example_fisher
 from hf_svd_plugins.fwsvd.targets import TargetLayer, Targets, select_targets
-from hf_svd_plugins.lora import unwrap_model
+from hf_svd_plugins.lora import loss_module, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +108,17 @@ class FisherAccumulator:
     def attach(self) -> FisherAccumulator:
         if self._handles:
             return self
-        self._handles.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._post_forward))
+        # The loss and logits are read where the loss is computed, before any other hook replaces them: DeepSpeed
+        # ZeRO-3 wraps every module's outputs in its own autograd functions, so the logits a wrapper returns are
+        # not the tensor the loss was computed from and never receive a gradient.
+        top = loss_module(self.model)
+        self._handles.append(top.register_forward_pre_hook(self._pre_forward, with_kwargs=True, prepend=True))
+        self._handles.append(top.register_forward_hook(self._post_forward, prepend=True))
         embeddings = input_embeddings(self.model)
         if embeddings is not None:
-            self._handles.append(embeddings.register_forward_hook(self._embeddings_require_grad))
+            self._handles.append(embeddings.register_forward_hook(self._embeddings_require_grad, prepend=True))
         for target in self.layers:
-            self._handles.append(target.outer.register_forward_hook(self._layer_hook(target.name)))
+            self._handles.append(target.outer.register_forward_hook(self._layer_hook(target.name), prepend=True))
         return self
 
     def detach(self) -> None:
