@@ -216,3 +216,14 @@ def test_features_without_importance_are_warned_about_once():
     with pytest.warns(UserWarning, match="5 input features have zero Fisher importance"):
         report = fwsvd_compress(model, "fisher", importance=fisher, ratio=0.5, progress=False)
     assert np.isfinite([r.weighted_error for r in report.layers]).all()
+
+
+def test_compressing_twice_only_touches_what_is_still_dense(tmp_path):
+    model = tiny_model("llama", spectral_decay=0.8)
+    fwsvd_compress(model, "svd", ratio=0.5, targets=["q_proj", "k_proj"], progress=False)
+    report = fwsvd_compress(model, "svd", ratio=0.5, progress=False)
+    assert not any(n.endswith((".down", ".up")) for n in report.ranks) and len(report.ranks) == 10
+    model.save_pretrained(tmp_path)
+    assert len(load_compressed(tmp_path).config.quantization_config.ranks) == 14
+    batch = data("llama")[0]
+    assert torch.equal(logits(load_compressed(tmp_path), batch), logits(model, batch))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from hf_svd_plugins.fwsvd.lowrank import dense_weight, is_linear_like, linear_shape
+from hf_svd_plugins.fwsvd.lowrank import LowRankLinear, dense_weight, is_linear_like, linear_shape
 from hf_svd_plugins.lora import named_base_layers
 
 #: what ``targets`` accepts: None (every Linear/Conv1D in the repeated blocks), module-name suffixes, or a regex
@@ -55,11 +55,13 @@ def select_targets(model: nn.Module, targets: Targets = None) -> list[TargetLaye
     ``None``: every ``nn.Linear``/``Conv1D`` inside the model's repeated blocks (an ``nn.ModuleList``: decoder/encoder
     layers), so embeddings, ``lm_head``, BERT's pooler and task heads stay dense. A list: module names or name suffixes
     (``["q_proj", "mlp.down_proj"]``, PEFT's ``target_modules`` rule); a string: a regex that must match the whole name.
+    The factors of layers that are already low-rank are never targets: compressing twice compresses what is dense.
 
     Raises:
         ValueError: nothing matches; a matched module is not a Linear/Conv1D; its weight is tied to another module.
     """
-    layers = named_base_layers(model)
+    factors = {name + "." for name, module, _ in named_base_layers(model) if isinstance(module, LowRankLinear)}
+    layers = [(n, o, m) for n, o, m in named_base_layers(model) if not any(n.startswith(f) for f in factors)]
     if targets is None:
         prefixes = _block_prefixes(model)
         chosen = [(n, o, m) for n, o, m in layers if is_linear_like(m) and any(n.startswith(p) for p in prefixes)]
