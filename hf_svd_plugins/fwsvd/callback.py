@@ -112,12 +112,15 @@ class FisherCallback(TrainerCallback, ExportableState):
 
     # ------------------------------------------------------------------ checkpoint state
 
+    def _args(self) -> dict:
+        targets = self.targets if isinstance(self.targets, (str, type(None))) else list(self.targets)
+        return {"targets": targets, "mode": self.mode, "max_batches": self.max_batches, "per_example": self.per_example}
+
     def state(self) -> dict:
         acc = self._accumulator
         sums = {} if acc is None else {name: _encode(s) for name, s in acc.sums.items()}
         return {
-            "args": {"targets": self.targets, "mode": self.mode, "max_batches": self.max_batches,
-                     "per_example": self.per_example},
+            "args": self._args(),
             "attributes": {"sums": sums, "examples": 0 if acc is None else acc.examples,
                            "batches": 0 if acc is None else acc.batches,
                            "local_batches": 0 if acc is None else acc.local_batches},
@@ -125,8 +128,8 @@ class FisherCallback(TrainerCallback, ExportableState):
 
     def _saved_state(self, state) -> dict | None:
         saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
-        if isinstance(saved, list):
-            saved = saved[-1] if saved else None
+        if isinstance(saved, list):  # several FisherCallbacks in one Trainer: the one with the same arguments
+            saved = next((entry for entry in saved if entry.get("args") == self._args()), None)
         return (saved or {}).get("attributes") if state.global_step > 0 else None
 
     # ------------------------------------------------------------------ events

@@ -212,6 +212,7 @@ class _Matrices:
         self.method, self.layers, self.weights, self.importance = method, layers, weights, importance
         self.stats_model, self.stats_layers, self.batches, self.plan = stats_model, stats_layers, batches, plan
         self.damping = damping
+        self._grams: dict | None = None
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -227,7 +228,14 @@ class _Matrices:
             return
         from hf_svd_plugins.fwsvd.calibration import iter_stream_grams
 
-        for name, gram in iter_stream_grams(self.stats_model, self.stats_layers, self.batches, self.plan):
+        if self._grams is not None:  # one chunk held every Gram: a second pass (budget, then factors) reuses them
+            grams = self._grams.items()
+        else:
+            grams = iter_stream_grams(self.stats_model, self.stats_layers, self.batches, self.plan)
+            if len(self.plan.chunks) == 1:
+                grams = self._grams = dict(grams)
+                grams = grams.items()
+        for name, gram in grams:
             if name not in self.weights:
                 yield name, None, None
                 continue
