@@ -259,7 +259,10 @@ def part_smollm(args, results: Results) -> None:
         results.add("smollm/dense", {"part": "smollm", "method": "dense", "allocation": "-", "target_share": 1.0,
                                      "model_share": 1.0, "ppl": perplexity(load_smollm(), evaluation)})
     fisher_path = os.path.join(args.out, "smollm_fisher.pt")
-    if os.path.exists(fisher_path) and not args.fresh:
+    fisher, fisher_seconds = None, None
+    if "fisher" not in args.methods:
+        pass
+    elif os.path.exists(fisher_path) and not args.fresh:
         fisher, fisher_seconds = torch.load(fisher_path, weights_only=False)
     else:
         start = time.perf_counter()
@@ -280,7 +283,7 @@ def part_smollm(args, results: Results) -> None:
                 size = {"ratio": ratio} if allocation == "uniform" else {"param_budget": budget}
                 report = fwsvd_compress(model, method, importance=fisher if method == "fisher" else None,
                                         calibration=calibration if method == "whiten" else None, progress=False,
-                                        **size)
+                                        damping=args.damping, **size)
                 extra = {"fisher_seconds": fisher_seconds} if method == "fisher" else {}
                 results.add(key, size_row(report, part="smollm", method=method, allocation=allocation,
                                           reduction=reduction, ppl=perplexity(model, evaluation), **extra))
@@ -370,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smollm-calibration-blocks", type=int, default=16)
     p.add_argument("--smollm-eval-blocks", type=int, default=32)
     p.add_argument("--smollm-reductions", nargs="+", type=float, default=[0.2, 0.4])
+    p.add_argument("--damping", type=float, default=0.01, help="whitening damping (relative to trace(G)/d_in)")
     p.add_argument("--heal-steps", type=int, default=60)
     p.add_argument("--heal-length", type=int, default=128)
     p.add_argument("--heal-lr", type=float, default=1e-3)
