@@ -66,7 +66,7 @@ def test_callback_keeps_logits_and_resets_optimizer_state(tmp_path, kind):
     model = tiny_lora_model(kind, r=4)
     batch = tiny_batches(1, 4)[0]
     before, after = Probe(batch), type("ProbeAfter", (Probe,), {})(batch)
-    cb = FedSVDCallback(every_n_steps=2, log_top_singular_values=2)
+    cb = FedSVDCallback(every_n_steps=2, optimizer_state="reset", log_top_singular_values=2)
     trainer = Trainer(
         model=model,
         args=_args(tmp_path, max_steps=4),
@@ -120,7 +120,7 @@ def test_callback_keep_optimizer_state_policy_and_unfrozen_a(tmp_path):
     model = tiny_lora_model("llama", r=4)
     batch = tiny_batches(1, 4)[0]
     after = Probe(batch)
-    cb = FedSVDCallback(every_n_steps=1, reset_optimizer_state=False, freeze_a=False, log_top_singular_values=0)
+    cb = FedSVDCallback(every_n_steps=1, optimizer_state="keep", freeze_a=False, log_top_singular_values=0)
     trainer = Trainer(
         model=model,
         args=_args(tmp_path, max_steps=2),
@@ -172,6 +172,10 @@ def test_freeze_lora_a_and_bad_arguments():
         FedSVDCallback(log_top_singular_values=-1)
     with pytest.raises(ValueError, match="reset_optimizer_state"):
         FedSVDCallback(reset_optimizer_state="sometimes")
+    with pytest.raises(ValueError, match="optimizer_state must be one of"):
+        FedSVDCallback(optimizer_state="rotate")
+    with pytest.warns(FutureWarning, match="deprecated"):
+        assert FedSVDCallback(reset_optimizer_state=True).optimizer_state == "reset"
 
 
 def test_callback_resume_equals_uninterrupted(tmp_path):
@@ -269,7 +273,7 @@ def test_callback_with_dp_trainer(tmp_path):
     model = tiny_lora_model("bert", r=4)
     batch = tiny_batches(1, 4, kind="cls")[0]
     before, after = Probe(batch), type("ProbeAfter", (Probe,), {})(batch)
-    cb = FedSVDCallback(every_n_steps=2)
+    cb = FedSVDCallback(every_n_steps=2, optimizer_state="reset")
     trainer = dp.DPTrainer(
         model=model,
         args=_args(tmp_path, max_steps=4, max_grad_norm=0.0),
