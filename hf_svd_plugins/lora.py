@@ -291,12 +291,35 @@ def assign_lora_weights(
 
 
 @torch.no_grad()
-def read_lora_weights(pairs: Sequence[LoraPair]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Full ``{name: (A, B)}`` copies on every rank (ZeRO-3 and FSDP2 shards are gathered; all ranks must call)."""
+def read_lora_weights(
+    pairs: Sequence[LoraPair], optimizer: object | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Full ``{name: (A, B)}`` copies on every rank (ZeRO-3 and FSDP2 shards are gathered; all ranks must call).
+
+    Args:
+        pairs: the pairs to read.
+        optimizer: the training optimizer. If it keeps fp32 master weights (DeepSpeed with bf16/fp16 weights), the
+            trainable parameters are read from their masters, in float32: those are the values training continues
+            from, the 16-bit weights are their rounded copies. Frozen parameters have no master.
+    """
     _reshard(pairs)
+    master = master_weights_optimizer(optimizer)
     params = [p for pair in pairs for p in (pair.A, pair.B)]
     with gathered_parameters(params):
-        return {pair.name: (_full_value(pair.A), _full_value(pair.B)) for pair in pairs}
+        weights = {pair.name: (_full_value(pair.A), _full_value(pair.B)) for pair in pairs}
+    if master is not None:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for pair in pairs:
+            a, b = weights[pair.name]
+            full = [
+                safe_get_full_fp32_param(p).detach().clone().reshape(full_shape(p))
+                if p.requires_grad and _has_fp32_fragment(p)
+                else value
+                for p, value in ((pair.A, a), (pair.B, b))
+            ]
+            weights[pair.name] = (full[0], full[1])
+    return weights
 
 
 # --------------------------------------------------------------------------------------------- optimizers

@@ -34,12 +34,23 @@ def find_running_trainer() -> object | None:
 
 
 def log_to_trainer(metrics: dict[str, float]) -> None:
-    """Send ``metrics`` through the running Trainer's ``log`` (all integrations), else to the Python logger."""
+    """Send ``metrics`` through the running Trainer's ``log`` (all integrations), else to the Python logger.
+
+    ``Trainer.log`` ends in ``CallbackHandler.on_log``, which clears ``control.should_log``; called from inside an
+    event (e.g. ``on_step_end``, after ``DefaultFlowCallback`` asked for the step's loss to be logged) that would
+    silently drop the Trainer's own loss/learning-rate entry of that step, so the flag is restored.
+    """
     trainer = find_running_trainer()
-    if trainer is not None:
-        trainer.log(dict(metrics))
-    else:
+    if trainer is None:
         logger.info("%s", metrics)
+        return
+    control = getattr(trainer, "control", None)
+    should_log = getattr(control, "should_log", False)
+    trainer.log(dict(metrics))
+    if control is not None:
+        control.should_log = should_log
+        if trainer.control is not control:  # a callback returned another TrainerControl from on_log
+            trainer.control.should_log = should_log
 
 
 def reads_train_data(callback: object) -> bool:

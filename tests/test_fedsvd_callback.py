@@ -296,3 +296,17 @@ def test_callback_with_dp_trainer(tmp_path):
         gram = p.A.double() @ p.A.double().T
         torch.testing.assert_close(gram, torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
     assert trainer.accountant.steps == 4 and trainer.get_epsilon() > 0
+
+
+def test_callback_logs_do_not_swallow_the_trainers_loss_log(tmp_path):
+    """Trainer.log from inside on_step_end used to clear control.should_log: the step's loss entry vanished."""
+    trainer = Trainer(
+        model=tiny_lora_model("llama", r=4),
+        args=_args(tmp_path, max_steps=4, logging_steps=1),
+        train_dataset=TinyTokenDataset(n=32),
+        data_collator=pad_collate,
+        callbacks=[FedSVDCallback(every_n_steps=2)],
+    )
+    trainer.train()
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3, 4]
+    assert [h["step"] for h in trainer.state.log_history if "fedsvd/refactorizations" in h] == [2, 4]

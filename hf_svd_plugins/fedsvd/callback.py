@@ -90,8 +90,8 @@ def refactorize_lora_model(
     """Refactorize every LoRA pair of ``model`` in place (``B' A' = B A``, ``A'`` with orthonormal rows).
 
     Every rank must call it (ZeRO-3 and FSDP2 gather); every rank ends with rank 0's values. The SVD runs in float64
-    on the gathered weights and each parameter is written once (one cast to its dtype; DeepSpeed's fp32 masters get
-    the float32 values, not the 16-bit ones). Pairs are processed in chunks of at most ~16.8M entries, so the
+    on the gathered weights (on DeepSpeed's fp32 masters of the trainable ones, not their 16-bit copies) and each
+    parameter is written once: one cast to its dtype, and the masters get the float32 values. Pairs are processed in chunks of at most ~16.8M entries, so the
     transient memory is bounded whatever the model size.
 
     Args:
@@ -110,7 +110,7 @@ def refactorize_lora_model(
     pairs = list(find_lora_pairs(model, adapter_name) if pairs is None else pairs)
     spectrum: dict[str, torch.Tensor] = {}
     for chunk in _chunks(pairs):
-        weights = read_lora_weights(chunk)
+        weights = read_lora_weights(chunk, optimizer)
         names = [p.name for p in chunk]
         new_b, new_a, sv = refactorize(
             [weights[n][1].double() for n in names], [weights[n][0].double() for n in names],
@@ -131,8 +131,8 @@ def _transform_state(
     """Carry the optimizer moments of each pair's trainable B (and A) into the refactorized basis."""
     params, factors, maps = [], [], []
     for pair, a_old, a_new in zip(pairs, old_a, new_a, strict=True):
-        # the basis the next gradients are taken in is the stored A' (after its cast to the parameter dtype)
-        t, w = basis_change(a_old, a_new.to(a_old.dtype))
+        # gradients are taken at the stored A (the parameter's dtype, also when a master copy is fp32)
+        t, w = basis_change(a_old.to(pair.A.dtype), a_new.to(pair.A.dtype))
         for param, factor in ((pair.B, "B"), (pair.A, "A")):
             if param.requires_grad:
                 params.append(param)
