@@ -310,3 +310,20 @@ def test_callback_logs_do_not_swallow_the_trainers_loss_log(tmp_path):
     trainer.train()
     assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3, 4]
     assert [h["step"] for h in trainer.state.log_history if "fedsvd/refactorizations" in h] == [2, 4]
+
+
+def test_refactorize_in_chunks_equals_all_at_once(monkeypatch):
+    """Pairs are gathered and refactorized in bounded chunks; one pair per chunk gives the same weights."""
+    import hf_svd_plugins.fedsvd.callback as callback
+
+    whole, chunked = tiny_lora_model("llama", r=4), tiny_lora_model("llama", r=4)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p, q in zip(find_lora_pairs(whole), find_lora_pairs(chunked), strict=True):
+            q.B.copy_(p.B.copy_(torch.randn(p.B.shape, generator=g)))
+    refactorize_lora_model(whole)
+    monkeypatch.setattr(callback, "_CHUNK_NUMEL", 1)
+    assert len(callback._chunks(find_lora_pairs(chunked))) == len(find_lora_pairs(chunked))
+    refactorize_lora_model(chunked)
+    a, b = read_lora_weights(find_lora_pairs(whole)), read_lora_weights(find_lora_pairs(chunked))
+    assert all(torch.equal(a[n][0], b[n][0]) and torch.equal(a[n][1], b[n][1]) for n in a)

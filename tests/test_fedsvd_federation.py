@@ -419,3 +419,19 @@ def test_partitions_live_on_the_federation_side_and_old_imports_still_work():
         assert core.partition_iid is partition.partition_iid
     with pytest.raises(AttributeError):
         core.no_such_name  # noqa: B018
+
+
+def test_eva_init_before_the_federation_is_the_round_zero_adapter(tmp_path):
+    """The documented way to combine EVA with a federation: initialise once, then federate from it."""
+    from tiny import tiny_batches
+
+    from hf_svd_plugins.eva import eva_init
+
+    model = tiny_lora_model("llama", r=4, spectral_decay=0.7)
+    eva_init(model, tiny_batches(3, 8), rho=2.0, tau=1.0, min_batches=3, max_batches=3, show_progress_bar=False)
+    initial = read_lora_weights(find_lora_pairs(model))
+    fed = Federation(model, TinyTokenDataset(n=48), num_clients=2, method="fedsvd", local_steps=2,
+                     data_collator=pad_collate, training_args=TRAIN, output_dir=str(tmp_path), seed=0)
+    assert all(torch.equal(fed.global_weights[n][0], a) for n, (a, _) in initial.items())
+    fed.run(1)
+    assert all(float(b.abs().max()) > 0 for _, b in fed.global_weights.values())

@@ -8,7 +8,8 @@ process with the two ranks' batches together.
 
 Checks: the weights really were sharded as described during training; both ranks end with identical full weights;
 weights, logits and loss equal the one-process run (to float32 round-off of a different reduction order); EVA chose
-the same ranks and its unused ranks are still exactly zero; FedSVD's last refactorization left A orthonormal.
+the same ranks and its unused ranks are still exactly zero; FedSVD's last refactorization left A orthonormal; the
+adapter that ``trainer.save_model`` wrote under FSDP2 reloads with PEFT to the trained model's logits.
 """
 
 from __future__ import annotations
@@ -69,6 +70,16 @@ def test_callback_under_accelerate_fsdp2_equals_one_process(tmp_path, method):
     assert r0["sharding"] == r1["sharding"] == {"dtensor": True, "is_fsdp2": True, "base_dtensor": True}
     assert single["sharding"] == {"dtensor": False, "is_fsdp2": False, "base_dtensor": False}
     _assert_same_training(r0, r1, single, method)
+
+    # trainer.save_model under FSDP2 (fsdp.yaml: FULL_STATE_DICT) writes a standard PEFT adapter (EVA: truncated to
+    # its ranks) that reproduces the trained model
+    from peft import PeftModel
+    from tiny import tiny_batches, tiny_model
+
+    loaded = PeftModel.from_pretrained(tiny_model("llama", spectral_decay=0.7), str(tmp_path / "final")).eval()
+    batch = {k: v for k, v in tiny_batches(1, seed=9)[0].items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, r0["logits"], atol=1e-5, rtol=0)
 
 
 def test_fedsvd_under_transformers_fsdp2_loading_equals_one_process(tmp_path):

@@ -62,7 +62,7 @@ OPTIMIZER_STATE_POLICIES = ("transform", "reset", "keep")
 first moments exactly and second moments by a diagonal approximation into the new basis
 (:func:`~hf_svd_plugins.fedsvd.core.transform_moments`), ``reset`` forgets them, ``keep`` leaves them in the old basis."""
 
-_CHUNK_NUMEL = 1 << 24  # gather and refactorize at most ~16.8M LoRA entries (A and B) at a time
+_CHUNK_NUMEL = 1 << 22  # gather and refactorize at most ~4.2M LoRA entries (A and B) at a time
 
 
 def _chunks(pairs: Sequence[LoraPair]) -> list[list[LoraPair]]:
@@ -91,8 +91,9 @@ def refactorize_lora_model(
 
     Every rank must call it (ZeRO-3 and FSDP2 gather); every rank ends with rank 0's values. The SVD runs in float64
     on the gathered weights (on DeepSpeed's fp32 masters of the trainable ones, not their 16-bit copies) and each
-    parameter is written once: one cast to its dtype, and the masters get the float32 values. Pairs are processed in chunks of at most ~16.8M entries, so the
-    transient memory is bounded whatever the model size.
+    parameter is written once: one cast to its dtype, and the masters get the float32 values. Pairs are processed in
+    chunks of at most ~4.2M entries (``(d_out + d_in) r`` per pair), so the transient memory is a few float64 copies
+    of one chunk whatever the model size.
 
     Args:
         model: a PEFT LoRA model (possibly wrapped by DDP/DeepSpeed, or sharded by FSDP2).

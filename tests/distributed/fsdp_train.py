@@ -15,7 +15,8 @@ from the launcher's ``FSDP_*`` variables), so accelerate's own FSDP2 preparation
 and the root, on a CPU device mesh over gloo) runs exactly as it does on GPUs. On a GPU machine it is a plain Trainer.
 
 Every rank writes OUT/rank{r}.pt (OUT/single.pt): full LoRA weights after training, EVA's ranks, logits on a fixed
-batch, and what it saw of FSDP2 (DTensor LoRA weights, accelerate's FSDP2 flag).
+batch, and what it saw of FSDP2 (DTensor LoRA weights, accelerate's FSDP2 flag); ``trainer.save_model`` writes the
+adapter to OUT/final (OUT/final_single).
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ def main(out: str, method: str, single: bool, native: bool) -> None:
                               callbacks=[callback, sharding])
     trainer_ref.append(trainer)
     trainer.train()
+    trainer.save_model(os.path.join(out, "final_single" if single else "final"))  # collective under FSDP2 (full state dict)
     pairs = find_lora_pairs(trainer.model)
     weights = read_lora_weights(pairs)
     batch = {k: v for k, v in tiny_batches(1, seed=9)[0].items() if k != "labels"}
