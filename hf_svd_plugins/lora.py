@@ -364,8 +364,6 @@ def _has_fp32_fragment(param: torch.Tensor) -> bool:
 def _write_master_weights(master: object, written: Sequence[tuple[nn.Parameter, torch.Tensor]]) -> None:
     """Set the fp32 masters of the written trainable parameters (frozen ones have none) from full values that are
     identical on every rank (each rank copies its own partition)."""
-    from deepspeed.utils import safe_set_full_fp32_param
-
     trainable = [(p, v) for p, v in written if p.requires_grad]
     if any(not _has_fp32_fragment(p) for p, _ in trainable):
         # A DeepSpeed optimizer without per-parameter fragment mappings: refresh every master from the 16-bit
@@ -373,7 +371,39 @@ def _write_master_weights(master: object, written: Sequence[tuple[nn.Parameter, 
         master.refresh_fp32_params()
         return
     for param, value in trainable:
-        safe_set_full_fp32_param(param, value.to(torch.float32))
+        _set_deepspeed_fp32(param, value, None)
+
+
+def _set_deepspeed_fp32(param: nn.Parameter, value: torch.Tensor, key: str | None) -> None:
+    """DeepSpeed's fp32 copy of ``param`` (its master if ``key`` is None, else optimizer state ``key``) := ``value``
+    (full, identical on every rank).
+
+    ZeRO-3 goes through the local API with this rank's slice of the zero-padded flat value: the full-value API
+    (``set_full_hp_param``) reads past the end on the last rank when the parameter does not split evenly.
+    """
+    from deepspeed.utils import (
+        safe_set_full_fp32_param,
+        safe_set_full_optimizer_state,
+        safe_set_local_fp32_param,
+        safe_set_local_optimizer_state,
+    )
+
+    value = value.to(torch.float32)
+    if is_zero3_param(param):
+        import torch.distributed as dist
+
+        size = param.ds_tensor.numel()
+        start = size * dist.get_rank(group=getattr(param, "ds_process_group", None))
+        local = value.flatten()[start : start + size]
+        local = torch.cat([local, local.new_zeros(size - local.numel())])
+        if key is None:
+            safe_set_local_fp32_param(param, local)
+        else:
+            safe_set_local_optimizer_state(param, local, key)
+    elif key is None:
+        safe_set_full_fp32_param(param, value)
+    else:
+        safe_set_full_optimizer_state(param, value, key)
 
 
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
@@ -433,13 +463,11 @@ def write_optimizer_state(
     """
     master = master_weights_optimizer(optimizer)
     if master is not None:
-        from deepspeed.utils import safe_set_full_optimizer_state
-
         for p, entries in zip(params, states, strict=True):
             for key, value in entries.items():
                 full = value.to(dtype=torch.float32).contiguous()
                 broadcast_([full], src=0)
-                safe_set_full_optimizer_state(p, full, key)
+                _set_deepspeed_fp32(p, full, key)
         return
     base = base_optimizer(optimizer)
     if base is None:

@@ -124,10 +124,23 @@ BF16_SCRIPT = textwrap.dedent(
     from hf_svd_plugins.fedsvd import FedSVDCallback
     from hf_svd_plugins.lora import find_lora_pairs, read_lora_weights, read_optimizer_state
 
-    out = sys.argv[1]
+    out, kind = sys.argv[1], sys.argv[2]
 
-    def norm_weight(model):
-        return next(p for n, p in model.named_parameters() if n.endswith("model.norm.weight"))
+    class Odd(torch.nn.Module):
+        # LoRA r=3 on a 5 -> 7 Linear: A and B have 15 and 21 entries, which ZeRO-3 splits unevenly over 2 ranks
+        def __init__(self):
+            super().__init__()
+            self.lin, self.head = torch.nn.Linear(5, 7), torch.nn.Linear(7, 97)
+
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            x = torch.nn.functional.one_hot(input_ids % 5, 5).to(self.lin.weight.dtype)
+            logits = self.head(torch.tanh(self.lin(x)))
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+            return {{"loss": loss, "logits": logits}}
+
+    def norm_weight(model):  # a trainable parameter that no refactorization touches
+        suffix = "model.norm.weight" if kind == "llama" else "head.weight"
+        return next(p for n, p in model.named_parameters() if n.endswith(suffix))
 
     class Masters(TrainerCallback):
         # fp32 masters of every B and of the (trainable, never refactorized) final norm, the 16-bit weights and
@@ -146,7 +159,12 @@ BF16_SCRIPT = textwrap.dedent(
             }}
 
     before, after = Masters(), type("After", (Masters,), {{}})()
-    model = tiny_lora_model("llama", r=4)
+    if kind == "llama":
+        model = tiny_lora_model("llama", r=4)
+    else:
+        from peft import LoraConfig, get_peft_model
+        torch.manual_seed(0)
+        model = get_peft_model(Odd(), LoraConfig(r=3, lora_alpha=6, target_modules=["lin"]))
     norm_weight(model).requires_grad_(True)
     args = TrainingArguments(
         output_dir=out, per_device_train_batch_size=4, max_steps=4, learning_rate=2e-2, use_cpu=True, bf16=True,
@@ -164,15 +182,16 @@ BF16_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode", ["zero2", "zero3"])
-def test_deepspeed_bf16_masters_of_only_the_refactorized_weights_are_written(tmp_path, mode):
+@pytest.mark.parametrize("mode,kind", [("zero2", "llama"), ("zero3", "llama"), ("zero3", "odd")])
+def test_deepspeed_bf16_masters_of_only_the_refactorized_weights_are_written(tmp_path, mode, kind):
     """bf16 weights, fp32 masters: a refactorization sets B's masters to the float32 refactorization of B's *master*
     (not of its bf16 copy, not rounded to bf16), leaves every other master bitwise alone (it used to refresh them all
-    from the bf16 weights), and carries B's Adam moments into the new basis through DeepSpeed's flat state."""
+    from the bf16 weights), and carries B's Adam moments into the new basis through DeepSpeed's flat state. ``odd``:
+    parameters that ZeRO-3 splits unevenly (DeepSpeed's full-value setter reads past the end there)."""
     pytest.importorskip("deepspeed")
     script = tmp_path / "fedsvd_bf16.py"
     script.write_text(BF16_SCRIPT.format(tests=TESTS))
-    accelerate_launch([*LAUNCH[mode], "--mixed_precision", "bf16"], script, tmp_path)
+    accelerate_launch([*LAUNCH[mode], "--mixed_precision", "bf16"], script, tmp_path, kind)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     for step in (2, 4):
         rb, ra = r0["before"][step], r0["after"][step]
@@ -182,9 +201,10 @@ def test_deepspeed_bf16_masters_of_only_the_refactorized_weights_are_written(tmp
             a_old = rb["weights"][name][0].double().numpy()
             a_new = ra["weights"][name][0].double().numpy()
             b_master = rb["b_master"][i].double().numpy()
+            r = a_old.shape[0]
             u, s, vt = np.linalg.svd(b_master @ a_old, full_matrices=False)
-            signs = np.sign(np.sum(vt[:4] * a_new, axis=1))  # A' = V^T up to bf16 rounding and a sign per row
-            np.testing.assert_allclose(ra["b_master"][i].double().numpy(), u[:, :4] * s[:4] * signs,
+            signs = np.sign(np.sum(vt[:r] * a_new, axis=1))  # A' = V^T up to bf16 rounding and a sign per row
+            np.testing.assert_allclose(ra["b_master"][i].double().numpy(), u[:, :r] * s[:r] * signs,
                                        rtol=0, atol=1e-6 * s[0])
             w = np.linalg.lstsq(a_old.T, a_new.T, rcond=None)[0]
             m_old = rb["opt_b"][i]["exp_avg"].double().numpy()
