@@ -218,8 +218,9 @@ def _wide_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.no_grad()
-def _full_value(tensor: torch.Tensor) -> torch.Tensor:
-    """A whole copy of ``tensor`` on every rank (``full_tensor()`` for a DTensor: all ranks must call)."""
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """A whole, detached copy of ``tensor`` on every rank: ``full_tensor()`` for an FSDP2 DTensor (a collective: all
+    ranks must call), a clone otherwise (for a ZeRO-3 parameter, call inside :func:`gathered_parameters`)."""
     return tensor.full_tensor().detach().clone() if is_dtensor(tensor) else tensor.detach().clone()
 
 
@@ -306,7 +307,7 @@ def read_lora_weights(
     master = master_weights_optimizer(optimizer)
     params = [p for pair in pairs for p in (pair.A, pair.B)]
     with gathered_parameters(params):
-        weights = {pair.name: (_full_value(pair.A), _full_value(pair.B)) for pair in pairs}
+        weights = {pair.name: (full_value(pair.A), full_value(pair.B)) for pair in pairs}
     if master is not None:
         from deepspeed.utils import safe_get_full_fp32_param
 
@@ -440,7 +441,7 @@ def read_optimizer_state(
     if base is None:
         return [{} for _ in params]
     return [
-        {k: _full_value(v) for k, v in base.state.get(p, {}).items() if k in keys and torch.is_tensor(v) and v.dim()}
+        {k: full_value(v) for k, v in base.state.get(p, {}).items() if k in keys and torch.is_tensor(v) and v.dim()}
         for p in params
     ]
 
