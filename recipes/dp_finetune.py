@@ -18,24 +18,14 @@ Runs under a single process, ``cpu_ddp_2proc`` (DDP) and ``deepspeed_zero2``; Ze
 
 from __future__ import annotations
 
-from hf_svd_plugins.recipe_args import (
-    causal_lm,
-    load_labelled,
-    load_texts,
-    lora_classifier,
-    parse_recipe_args,
-    recipe_parser,
-    require_launch_config,
-    saved,
-    training_kwargs,
-)
+from hf_svd_plugins import recipe_args as common
 
 SUPPORTED = ("single", "cpu_ddp_2proc", "deepspeed_zero2")
 DEFAULT_DATASET = {"classify": "packaged:rotten_tomatoes", "sft": "packaged:hamlet"}
 
 
 def parse_args(argv: list[str] | None = None):
-    p = recipe_parser(__doc__, dataset=None, output_dir="outputs/dp_finetune", max_steps=100, batch_size=32,
+    p = common.recipe_parser(__doc__, dataset=None, output_dir="outputs/dp_finetune", max_steps=100, batch_size=32,
                       lr=5e-3, max_length=64, model_help="packaged all-MiniLM-L6-v2 (classify) or SmolLM2 (sft)")
     p.add_argument("--task", choices=("classify", "sft"), default="classify")
     p.add_argument("--label-column", default="label", help="integer or string labels (classify)")
@@ -44,7 +34,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="per-example clipping bound C")
     p.add_argument("--accountant", choices=("prv", "rdp"), default="prv")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
-    args = parse_recipe_args(p, argv, positive=("max_steps", "batch_size", "max_length", "rank"))
+    args = common.parse_recipe_args(p, argv, positive=("max_steps", "batch_size", "max_length", "rank"))
     if args.dataset is None:
         args.dataset = DEFAULT_DATASET[args.task]
     if not args.target_epsilon > 0:
@@ -59,7 +49,7 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> dict:
     """Train; returns ``{"epsilon", "noise_multiplier", "eval_accuracy" (classify), "output_dir"}``."""
     args = parse_args(argv)
-    require_launch_config("DPTrainer", SUPPORTED)
+    common.require_launch_config("DPTrainer", SUPPORTED)
 
     import os
 
@@ -71,15 +61,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     dp_config = DPConfig(max_grad_norm=args.max_grad_norm, target_epsilon=args.target_epsilon,
                          target_delta=args.delta, accountant=args.accountant)
-    common = training_kwargs(args, max_grad_norm=0.0)  # DP clips per example; the Trainer's batch clipping is off
+    shared = common.training_kwargs(args, max_grad_norm=0.0)  # DP clips per example; the Trainer's batch clipping is off
     result: dict = {}
     if args.task == "classify":
         from hf_svd_plugins import DPTrainer
 
-        train, test = load_labelled(args.dataset, args.text_column, args.label_column, args.seed, args.limit)
-        model, tokenizer = lora_classifier(args.model, max(train.label) + 1, args.rank, args.seed)
+        train, test = common.load_labelled(args.dataset, args.text_column, args.label_column, args.seed, args.limit)
+        model, tokenizer = common.lora_classifier(args.model, max(train.label) + 1, args.rank, args.seed)
         trainer = DPTrainer(
-            model=model, args=TrainingArguments(args.output_dir, per_device_eval_batch_size=64, **common),
+            model=model, args=TrainingArguments(args.output_dir, per_device_eval_batch_size=64, **shared),
             train_dataset=TokenizedClassification(train, tokenizer, args.max_length),
             eval_dataset=TokenizedClassification(test, tokenizer, args.max_length),
             data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy_metrics, dp_config=dp_config,
@@ -91,12 +81,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         from hf_svd_plugins.dp import DPSFTTrainer
 
-        model, tokenizer = causal_lm(args.model)
+        model, tokenizer = common.causal_lm(args.model)
         peft_config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, task_type="CAUSAL_LM",
                                  target_modules="all-linear")
         trainer = DPSFTTrainer(
-            model=model, args=SFTConfig(args.output_dir, max_length=args.max_length, packing=False, **common),
-            train_dataset=Dataset.from_dict({"text": load_texts(args.dataset, args.text_column, args.limit)}),
+            model=model, args=SFTConfig(args.output_dir, max_length=args.max_length, packing=False, **shared),
+            train_dataset=Dataset.from_dict({"text": common.load_texts(args.dataset, args.text_column, args.limit)}),
             processing_class=tokenizer, peft_config=peft_config, dp_config=dp_config,
         )
     trainer.train()
@@ -107,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_model(final)
     if trainer.is_world_process_zero():
         print(", ".join(f"{k}={v:.4g}" for k, v in result.items()), flush=True)
-    saved("the DP LoRA adapter", final)
+    common.saved("the DP LoRA adapter", final)
     return {**result, "output_dir": final}
 
 

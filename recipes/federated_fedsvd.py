@@ -17,21 +17,13 @@ One process only (the clients take turns on one model); for processes on several
 
 from __future__ import annotations
 
-from hf_svd_plugins.recipe_args import (
-    load_labelled,
-    lora_classifier,
-    parse_recipe_args,
-    recipe_parser,
-    require_launch_config,
-    saved,
-    training_kwargs,
-)
+from hf_svd_plugins import recipe_args as common
 
 SUPPORTED = ("single",)
 
 
 def parse_args(argv: list[str] | None = None):
-    p = recipe_parser(__doc__, dataset="packaged:rotten_tomatoes", output_dir="outputs/federated_fedsvd",
+    p = common.recipe_parser(__doc__, dataset="packaged:rotten_tomatoes", output_dir="outputs/federated_fedsvd",
                       max_steps=10, batch_size=16, lr=5e-3, max_length=48, model_help="packaged all-MiniLM-L6-v2")
     p.add_argument("--label-column", default="label")
     p.add_argument("--method", choices=("fedsvd", "ffa_lora", "fedavg_lora"), default="fedsvd")
@@ -43,7 +35,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--dp-target-epsilon", type=float, default=None,
                    help="DPTrainer clients, sigma calibrated so that every round spends at most this epsilon")
     p.set_defaults(limit=2000)
-    args = parse_recipe_args(p, argv, positive=("max_steps", "batch_size", "max_length", "rank", "rounds", "clients"))
+    args = common.parse_recipe_args(p, argv, positive=("max_steps", "batch_size", "max_length", "rank", "rounds", "clients"))
     if not 0 < args.fraction <= 1:
         p.error(f"--fraction must be in (0, 1], got {args.fraction}")
     if round(args.fraction * args.clients) < 1:
@@ -59,7 +51,7 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run (or resume) the federation; returns its per-round history."""
     args = parse_args(argv)
-    require_launch_config("Federation (in-process)", SUPPORTED)
+    common.require_launch_config("Federation (in-process)", SUPPORTED)
 
     import os
 
@@ -68,9 +60,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from hf_svd_plugins.examples import TokenizedClassification
     from hf_svd_plugins.fedsvd import Federation, accuracy_metrics
 
-    train, test = load_labelled(args.dataset, args.text_column, args.label_column, args.seed, args.limit)
-    model, tokenizer = lora_classifier(args.model, max(train.label) + 1, args.rank, args.seed)
-    client_args = training_kwargs(args)
+    train, test = common.load_labelled(args.dataset, args.text_column, args.label_column, args.seed, args.limit)
+    model, tokenizer = common.lora_classifier(args.model, max(train.label) + 1, args.rank, args.seed)
+    client_args = common.training_kwargs(args)
     for key in ("max_steps", "seed"):  # set by the federation per round and client
         client_args.pop(key)
     trainer_cls, trainer_kwargs = Trainer, None
@@ -98,7 +90,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     federation.load_global_into_model()
     final = os.path.join(args.output_dir, "final")
     model.save_pretrained(final)
-    saved(f"the global adapter (metrics: {federation.write_metrics_csv()})", final)
+    common.saved(f"the global adapter (metrics: {federation.write_metrics_csv()})", final)
     return history
 
 

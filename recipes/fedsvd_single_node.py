@@ -16,28 +16,20 @@ offload); FSDP is refused.
 
 from __future__ import annotations
 
-from hf_svd_plugins.recipe_args import (
-    load_labelled,
-    lora_classifier,
-    parse_recipe_args,
-    recipe_parser,
-    require_launch_config,
-    saved,
-    training_kwargs,
-)
+from hf_svd_plugins import recipe_args as common
 
 SUPPORTED = ("single", "cpu_ddp_2proc", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
 
 
 def parse_args(argv: list[str] | None = None):
-    p = recipe_parser(__doc__, dataset="packaged:rotten_tomatoes", output_dir="outputs/fedsvd_single_node",
+    p = common.recipe_parser(__doc__, dataset="packaged:rotten_tomatoes", output_dir="outputs/fedsvd_single_node",
                       max_steps=100, batch_size=16, lr=5e-3, max_length=64, model_help="packaged all-MiniLM-L6-v2")
     p.add_argument("--label-column", default="label")
     p.add_argument("--every", type=int, default=10, help="refactorize every N optimizer steps (0: never)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--log-singular-values", type=int, default=0,
                    help="log the top N singular values of every module at each refactorization (0: counters only)")
-    args = parse_recipe_args(p, argv, positive=("max_steps", "batch_size", "max_length", "rank"))
+    args = common.parse_recipe_args(p, argv, positive=("max_steps", "batch_size", "max_length", "rank"))
     if args.log_singular_values < 0:
         p.error(f"--log-singular-values must be >= 0, got {args.log_singular_values}")
     if args.every < 0:
@@ -48,7 +40,7 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> dict:
     """Train; returns ``{"eval_accuracy", "refactorizations", "output_dir"}``."""
     args = parse_args(argv)
-    require_launch_config("FedSVDCallback", SUPPORTED)
+    common.require_launch_config("FedSVDCallback", SUPPORTED)
 
     import os
 
@@ -58,14 +50,14 @@ def main(argv: list[str] | None = None) -> dict:
     from hf_svd_plugins.examples import TokenizedClassification
     from hf_svd_plugins.fedsvd import accuracy_metrics, freeze_lora_A
 
-    train, test = load_labelled(args.dataset, args.text_column, args.label_column, args.seed, args.limit)
-    model, tokenizer = lora_classifier(args.model, max(train.label) + 1, args.rank, args.seed)
+    train, test = common.load_labelled(args.dataset, args.text_column, args.label_column, args.seed, args.limit)
+    model, tokenizer = common.lora_classifier(args.model, max(train.label) + 1, args.rank, args.seed)
     callbacks = [FedSVDCallback(every_n_steps=args.every,
                                  log_top_singular_values=args.log_singular_values)] if args.every else []
     if not args.every:
         freeze_lora_A(model)  # FFA-LoRA without refactorization, the baseline
     trainer = Trainer(
-        model=model, args=TrainingArguments(args.output_dir, per_device_eval_batch_size=64, **training_kwargs(args)),
+        model=model, args=TrainingArguments(args.output_dir, per_device_eval_batch_size=64, **common.training_kwargs(args)),
         train_dataset=TokenizedClassification(train, tokenizer, args.max_length),
         eval_dataset=TokenizedClassification(test, tokenizer, args.max_length),
         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy_metrics, callbacks=callbacks,
@@ -78,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         print(f"eval_accuracy={result['eval_accuracy']:.4f} after {args.max_steps} steps, "
               f"{result['refactorizations']} refactorizations", flush=True)
-    saved("the LoRA adapter", final)
+    common.saved("the LoRA adapter", final)
     return {**result, "output_dir": final}
 
 

@@ -18,27 +18,22 @@ from __future__ import annotations
 import os
 import sys
 
-from hf_svd_plugins.recipe_args import (
-    causal_lm,
-    load_texts,
-    parse_recipe_args,
-    recipe_parser,
-    require_launch_config,
-    saved,
-    training_kwargs,
-)
+from hf_svd_plugins import recipe_args as common
 
 SUPPORTED = ("single", "cpu_ddp_2proc", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
 TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 
 
 def parse_args(argv: list[str] | None = None):
-    p = recipe_parser(__doc__, dataset="packaged:lee_news", output_dir="outputs/sft_eva", max_steps=30, batch_size=4,
+    p = common.recipe_parser(__doc__, dataset="packaged:lee_news", output_dir="outputs/sft_eva", max_steps=30, batch_size=4,
                       lr=2e-4, max_length=128, model_help="packaged SmolLM2-135M-Instruct, float32")
     p.add_argument("--tiny", action="store_true", help="tiny random Llama and tiny-vocabulary text (from tests/)")
     p.add_argument("--r", type=int, default=8, help="LoRA rank before EVA redistributes it")
     p.add_argument("--rho", type=float, default=2.0, help="EVA: a module may get up to rho * r ranks")
-    args = parse_recipe_args(p, argv, positive=("max_steps", "batch_size", "max_length", "r"))
+    p.add_argument("--eva-max-batches", type=int, default=64, help="EVA reads at most this many minibatches")
+    args = common.parse_recipe_args(p, argv, positive=("max_steps", "batch_size", "max_length", "r"))
+    if args.eva_max_batches < 2:
+        p.error(f"--eva-max-batches must be >= 2 (EVA compares two batches), got {args.eva_max_batches}")
     if args.rho < 1:
         p.error(f"--rho must be >= 1, got {args.rho}")
     if args.tiny and args.model is not None:
@@ -49,7 +44,7 @@ def parse_args(argv: list[str] | None = None):
 def main(argv: list[str] | None = None) -> str:
     """Train; returns the directory of the saved (rank-truncated) adapter."""
     args = parse_args(argv)
-    require_launch_config("EvaCallback", SUPPORTED)
+    common.require_launch_config("EvaCallback", SUPPORTED)
 
     from datasets import Dataset
     from peft import LoraConfig
@@ -63,17 +58,17 @@ def main(argv: list[str] | None = None) -> str:
 
         model, tokenizer, dataset = tiny_model("llama", spectral_decay=0.7), tiny_tokenizer(), tiny_text_dataset()
     else:
-        model, tokenizer = causal_lm(args.model)
-        dataset = Dataset.from_dict({"text": load_texts(args.dataset, args.text_column, args.limit)})
+        model, tokenizer = common.causal_lm(args.model)
+        dataset = Dataset.from_dict({"text": common.load_texts(args.dataset, args.text_column, args.limit)})
     peft_config = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0, task_type="CAUSAL_LM",
                              target_modules="all-linear")
-    sft_args = SFTConfig(args.output_dir, max_length=args.max_length, **training_kwargs(args))
+    sft_args = SFTConfig(args.output_dir, max_length=args.max_length, **common.training_kwargs(args))
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[EvaCallback(rho=args.rho)])
+                         peft_config=peft_config, callbacks=[EvaCallback(rho=args.rho, max_batches=args.eva_max_batches)])
     trainer.train()
     final = os.path.join(args.output_dir, "final")
     trainer.save_model(final)
-    saved("the EVA LoRA adapter", final)
+    common.saved("the EVA LoRA adapter", final)
     return final
 
 
