@@ -42,7 +42,7 @@ def recipe_parser(doc: str | None, *, dataset: str | None, output_dir: str, max_
     p.add_argument("--batch-size", type=int, default=batch_size, help="per-device batch size")
     p.add_argument("--lr", type=float, default=lr, help="learning rate")
     p.add_argument("--max-length", type=int, default=max_length, help="tokens per example")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N examples of the data set")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N examples (labelled data: N training and at most N test examples)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--report-to", default=None,
                    help="Trainer integrations, comma-separated (default: tensorboard if installed, else none)")

@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
         peft_config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, task_type="CAUSAL_LM",
                                  target_modules="all-linear")
         trainer = DPSFTTrainer(
-            model=model, args=SFTConfig(args.output_dir, max_length=args.max_length, packing=False, **shared),
+            # TRL's defaults (activation checkpointing, bf16 autocast) push DP off vmap to slower per-example methods
+            model=model, args=SFTConfig(args.output_dir, max_length=args.max_length, packing=False,
+                                        gradient_checkpointing=False, bf16=False, **shared),
             train_dataset=Dataset.from_dict({"text": common.load_texts(args.dataset, args.text_column, args.limit)}),
             processing_class=tokenizer, peft_config=peft_config, dp_config=dp_config,
         )
