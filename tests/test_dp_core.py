@@ -212,12 +212,102 @@ def test_poisson_sample_rate_statistics():
         ({"noise_multiplier": 1.0, "per_sample_method": "ghost"}, "per_sample_method"),
         ({"noise_multiplier": 1.0, "max_physical_batch_size": 0}, "max_physical_batch_size"),
         ({"target_epsilon": 3.0, "total_steps": 0}, "total_steps"),
-        ({"target_epsilon": 3.0, "total_steps": 2.5}, "total_steps"),
+        ({"noise_multiplier": 1.0, "noise_seed": -1}, "noise_seed"),
     ],
 )
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DPConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_physical_batch_size", 2.5), ("max_physical_batch_size", True), ("sampler_seed", 1.5),
+        ("noise_seed", "1"), ("noise_seed", True), ("poisson_sampling", "no"), ("poisson_sampling", 1),
+        ("total_steps", 2.5), ("accountant", 3), ("per_sample_method", None), ("loss_type", 1),
+        ("max_grad_norm", "1.0"), ("target_delta", "1e-5"), ("max_epsilon", True), ("eps_error", None),
+    ],
+)
+def test_config_type_errors_name_the_field(field, value):
+    """Wrong types were accepted and failed mid-training (max_physical_batch_size=2.5: TypeError in range()), were
+    silently truncated (sampler_seed=1.5) or read as truthy (poisson_sampling="no"): TypeError naming the field."""
+    with pytest.raises(TypeError, match=rf"DPConfig\.{field}="):
+        DPConfig(**{"noise_multiplier": 1.0, field: value})
+
+
+def test_config_accepts_numpy_scalars():
+    import numpy as np
+
+    cfg = DPConfig(noise_multiplier=np.float64(1.0), max_physical_batch_size=np.int64(2), sampler_seed=np.int64(3))
+    assert cfg.max_physical_batch_size == 2
+
+
+class MeanPoolIgnoringMask(torch.nn.Module):
+    """Mean over every position of the row, padding included: its output depends on the padded length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, 8)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return {"logits": self.head(torch.tanh(self.embed(input_ids)).mean(dim=1))}
+
+
+def test_loop_strips_each_examples_padding():
+    """The loop used to keep the batch's padding (and 2D mask) for every example, so a model that does not honour
+    the mask gave gradients depending on the batch's longest example. Each example now runs alone, unpadded."""
+    torch.manual_seed(0)
+    model = MeanPoolIgnoringMask().double()
+    ds = TinyTokenDataset(n=4, kind="cls", min_len=3, max_len=12, seed=1)
+    batch = pad_collate([ds[i] for i in range(4)])
+    assert len(set(batch["attention_mask"].sum(-1).tolist())) > 1
+    params = trainable_parameters(model)
+    grads, losses = loop_per_sample_grads(model, params, batch, "sequence")
+    for i in range(4):
+        length = int(batch["attention_mask"][i].sum())
+        loss = torch.nn.functional.cross_entropy(model(batch["input_ids"][i : i + 1, :length])["logits"],
+                                                 batch["labels"][i : i + 1])
+        ref = torch.autograd.grad(loss, list(params.values()))
+        torch.testing.assert_close(losses[i], loss.detach())
+        for n, g in zip(params, ref, strict=True):
+            torch.testing.assert_close(grads[n][i], g, rtol=1e-10, atol=1e-12, msg=n)
+
+
+class TiedOutputLM(torch.nn.Module):
+    """The embedding matrix is also the output layer, used directly (``F.linear(h, embed.weight)``): Opacus' hooks
+    only see its use through ``nn.Embedding``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCAB, 16)
+        self.mix = torch.nn.Linear(16, 16)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("this model takes a 2D attention_mask only")
+        hidden = torch.tanh(self.mix(self.embed(input_ids)))
+        return {"logits": torch.nn.functional.linear(hidden, self.embed.weight)}
+
+
+def test_hooks_refuse_a_parameter_used_outside_its_module():
+    """Opacus returned only the nn.Embedding part of the tied matrix's per-example gradient (0.17 off the exact
+    loop): the grad samples are now checked to sum to the gradient of the same backward."""
+    from opacus import GradSampleModule
+
+    from hf_svd_plugins.dp.per_sample import NotPrivatizableError
+
+    torch.manual_seed(0)
+    model = TiedOutputLM().double().train()
+    batch = pad_collate([TinyTokenDataset(n=4)[i] for i in range(4)])
+    params = trainable_parameters(model)
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    try:
+        with pytest.raises(NotPrivatizableError, match=r"embed\.weight .*do not sum to its gradient"):
+            hooks_per_sample_grads(gsm, params, batch, "causal_lm")
+    finally:
+        gsm._close()
 
 
 def test_delta_default_and_refusal():

@@ -3,9 +3,11 @@
 - Every collective of the DP code goes through ``hf_svd_plugins.distributed`` (so tensors land on the process
   group's device: NCCL needs CUDA tensors), checked statically and with a stand-in process group in one process;
   a failure on one rank is raised on every rank at the step instead of leaving the others in the all-reduce.
-- Real 2-process CPU runs under `accelerate launch` (DDP, DeepSpeed ZeRO-1 and ZeRO-2): both ranks end with identical
-  parameters, the noise is added once (the run equals one process with the same logical batch), and epsilon is the
-  same; under DDP a run resumed from a step-2 checkpoint ends as the uninterrupted one. Secret seeds are the same
+- Real 2-process CPU runs under `accelerate launch` (DDP, DeepSpeed ZeRO-1 and ZeRO-2, ZeRO-2 with gradient
+  accumulation 2): both ranks end with identical parameters, the noise is added once (the run equals one process
+  with the same logical batch), and epsilon is the same; DeepSpeed's own clipping is off in the engine while the
+  user's DeepSpeed config is left as it was; under DDP a run resumed (explicit seeds: the same streams) from a step-2
+  checkpoint copied into a new directory ends as the uninterrupted one. Secret seeds are the same
   on both ranks; empty micro-batches on one rank (batch 1, accumulation 2) neither crash nor hang; a planted
   failure on rank 1 stops both ranks with an error.
 """
@@ -154,7 +156,7 @@ def test_a_failure_on_any_rank_stops_every_rank_at_the_step(tmp_path, monkeypatc
 
 SCRIPT = textwrap.dedent(
     """
-    import os, shutil, sys
+    import copy, os, shutil, sys
     import torch
     torch.set_num_threads(1)
     sys.path.insert(0, {tests_dir!r})
@@ -167,8 +169,9 @@ SCRIPT = textwrap.dedent(
     out_dir, per_device, ga, resume = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[5] == "resume"
     for method in sys.argv[4].split(","):
         # the first run also saves checkpoint-2 (and -3); with `resume`, a fresh trainer resumes from checkpoint-2
-        # ("<method>_resumed") copied alone with its private DP state into a new directory: next to checkpoint-3 of
-        # the same noise stream, resuming from checkpoint-2 is refused (it would draw step 3's noise again)
+        # ("<method>_resumed") copied alone with its private DP state into a new directory. The explicit seeds
+        # restore both streams, so it is the uninterrupted run (with secret seeds a resume draws fresh ones; next to
+        # checkpoint-3 of the same run, resuming an explicit noise seed from checkpoint-2 would be refused)
         for run in [method] + ([method + "_resumed"] if resume else []):
             run_dir = os.path.join(out_dir, run)
             if run != method:
@@ -186,33 +189,44 @@ SCRIPT = textwrap.dedent(
                 save_steps=2, logging_steps=100, disable_tqdm=True, seed=0, max_grad_norm=0.0,
             )
             dp = DPConfig(noise_multiplier=1.0, max_grad_norm=0.5, noise_seed=0, sampler_seed=0, per_sample_method=method)
+            user_plugin = args.deepspeed_plugin
+            user_config = copy.deepcopy(user_plugin.deepspeed_config) if user_plugin is not None else None
             trainer = DPTrainer(model=tiny_lora_model("llama"), args=args, train_dataset=TinyTokenDataset(n=32),
                                 data_collator=pad_collate, dp_config=dp)
+            # DP switches DeepSpeed's own clipping off on its copy only
+            user_untouched = user_plugin is None or user_plugin.deepspeed_config == user_config
             trainer.train(resume_from_checkpoint=os.path.join(run_dir, "checkpoint-2") if run != method else None)
             params = {{n: p.detach().clone() for n, p in trainable_parameters(trainer.model).items()}}
             plugin = trainer.accelerator.state.deepspeed_plugin
+            engine_clip = trainer.model_wrapped.gradient_clipping() if plugin is not None else None
             torch.save({{"params": params, "epsilon": trainer.get_epsilon(), "world": args.world_size,
                          "zero_stage": plugin.zero_stage if plugin is not None else None,
+                         "user_untouched": user_untouched, "engine_clip": engine_clip,
+                         "ga": plugin.deepspeed_config["gradient_accumulation_steps"] if plugin is not None else ga,
                          "history": trainer.accountant.history, "noise_state": trainer._dp_release.generator.get_state()}},
                        os.path.join(out_dir, f"rank{{args.process_index}}_{{run}}.pt"))
     """
 )
 
 
-LAUNCH = {
-    "ddp": DDP_FLAGS,
-    "zero2": config_flags("deepspeed_zero2"),
-    "zero1": ["--use_deepspeed", "--zero_stage", "1", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--gradient_accumulation_steps", "1", "--offload_optimizer_device", "none",
-              "--offload_param_device", "none", "--zero3_init_flag", "false"],
-}  # fmt: skip
+def _deepspeed_flags(stage: int, ga: int) -> list[str]:
+    return ["--use_deepspeed", "--zero_stage", str(stage), "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--gradient_accumulation_steps", str(ga), "--offload_optimizer_device", "none",
+            "--offload_param_device", "none", "--zero3_init_flag", "false"]
+
+
+LAUNCH = {"ddp": DDP_FLAGS, "zero2": config_flags("deepspeed_zero2"), "zero1": _deepspeed_flags(1, 1),
+          "zero2_ga2": _deepspeed_flags(2, 2)}
 # (per-device batch, gradient accumulation, per-sample methods): 2 x 2 x 2 ranks = 8 = 4 x 2 x 1 process. The
-# ZeRO-2 config fixes gradient accumulation to 1 (4 x 1 x 2 = 8 x 1 x 1); Opacus hooks are refused under DeepSpeed.
-SETUPS = {"ddp": (2, 2, ("vmap", "hooks")), "zero2": (4, 1, ("vmap",)), "zero1": (4, 1, ("vmap", "loop"))}
+# shipped ZeRO-2 config fixes gradient accumulation to 1 (4 x 1 x 2 = 8 x 1 x 1), so accumulation under DeepSpeed
+# runs with flags (zero2_ga2: 2 x 2 x 2); Opacus hooks are refused under DeepSpeed.
+SETUPS = {"ddp": (2, 2, ("vmap", "hooks")), "zero2": (4, 1, ("vmap",)), "zero1": (4, 1, ("vmap", "loop")),
+          "zero2_ga2": (2, 2, ("vmap",))}
+ZERO_STAGE = {"ddp": None, "zero2": 2, "zero1": 1, "zero2_ga2": 2}
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero1"])
+@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero1", "zero2_ga2"])
 def test_two_processes_match_single_process(tmp_path, mode):
     if mode.startswith("zero"):
         pytest.importorskip("deepspeed")
@@ -227,7 +241,8 @@ def test_two_processes_match_single_process(tmp_path, mode):
     runs = {m: [torch.load(tmp_path / f"rank{r}_{m}.pt", weights_only=False) for r in (0, 1)] for m in methods}
     for r0, r1 in runs.values():
         assert r0["world"] == r1["world"] == 2
-        assert r0["zero_stage"] == {"ddp": None, "zero2": 2, "zero1": 1}[mode]
+        assert r0["zero_stage"] == ZERO_STAGE[mode] and r0["ga"] == ga
+        assert r0["user_untouched"] and r0["engine_clip"] in (None, 0.0)
         for n in r0["params"]:
             assert torch.equal(r0["params"][n], r1["params"][n]), n
         assert r0["epsilon"] == r1["epsilon"]

@@ -5,7 +5,11 @@ float64 (a brute-force loop), or the model's own loss.
 - left padding with learned positions (GPT-2 ``wpe``) under all three per-example methods; RoPE (Llama) too;
 - causal-LM detection for a subclass and a remote-code style model, and the first-batch loss check;
 - sliding-window attention (Mistral, Qwen2 with mixed layer types) when the first batch is shorter than the window;
-- Opacus hooks on parameters applied to the whole batch (learned position embeddings): refused.
+- Opacus hooks on parameters applied to the whole batch (learned position embeddings) or used outside their module
+  (a tied output matrix): refused, ``auto`` falls back;
+- padding on either side: sequence classifiers without ``config.pad_token_id``, models ignoring ``attention_mask``,
+  a batch-of-one shortcut only vmap takes, collator ``position_ids`` counted over the padded row;
+- a model whose loss is the mean of per-sequence means (DP's own objective) passes the first-batch loss check.
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ def _args(tmp_path, **kw) -> TrainingArguments:
 
 def _exact(method: str = "auto", **kw) -> DPConfig:
     """sigma = 0 and a huge C: one SGD step at lr=1 moves the parameters by exactly -sum_i g_i / B."""
-    return DPConfig(noise_multiplier=0.0, max_grad_norm=1e9, per_sample_method=method, sampler_seed=0, noise_seed=0,
-                    **kw)
+    return DPConfig(**{"noise_multiplier": 0.0, "max_grad_norm": 1e9, "per_sample_method": method, "sampler_seed": 0,
+                       "noise_seed": 0, **kw})
 
 
 def _no_dropout(model: torch.nn.Module) -> torch.nn.Module:
@@ -59,10 +63,10 @@ def left_pad_collate(batch: list[dict]) -> dict:
     return out
 
 
-def _steps(n: int, batch: int, steps: int, ga: int = 1) -> list[list[int]]:
-    """The indices of every optimizer step's Poisson batch (expected size ``batch``) with sampler_seed=0: what
+def _steps(n: int, batch: int, steps: int, ga: int = 1, seed: int = 0) -> list[list[int]]:
+    """The indices of every optimizer step's Poisson batch (expected size ``batch``) with sampler_seed=``seed``: what
     DPTrainer draws in its first epoch."""
-    micro = list(PoissonBatchSampler(n, batch / n, n // batch, ga, seed=0))
+    micro = list(PoissonBatchSampler(n, batch / n, n // batch, ga, seed=seed))
     return [[i for mb in micro[s * ga : (s + 1) * ga] for i in mb] for s in range(steps)]
 
 
@@ -74,7 +78,8 @@ def _reference_sgd(model64: torch.nn.Module, dataset, steps: list[list[int]], ba
         total = {n: torch.zeros_like(p) for n, p in params.items()}
         for i in indices:
             item = dataset[i]
-            loss = model64(input_ids=item["input_ids"][None], labels=item["labels"][None]).loss
+            out = model64(input_ids=item["input_ids"][None], labels=item["labels"][None])
+            loss = out["loss"] if isinstance(out, dict) else out.loss
             for n, g in zip(params, torch.autograd.grad(loss, list(params.values())), strict=True):
                 total[n] += g
         with torch.no_grad():
@@ -270,4 +275,231 @@ def test_hooks_refuse_learned_position_embeddings(tmp_path, kind):
     trainer = DPTrainer(model=model, args=_args(tmp_path), train_dataset=dataset, data_collator=pad_collate,
                         dp_config=DPConfig(noise_multiplier=1.0, per_sample_method="hooks", sampler_seed=0))
     with pytest.raises(NotPrivatizableError, match="hooks.*cannot privatise"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("method", ["auto", "hooks"])
+def test_tied_output_matrix_is_not_privatised_by_hooks(tmp_path, method):
+    """Opacus hooks missed the direct use of the embedding matrix as output layer and trained on a wrong per-example
+    gradient. Explicit hooks are refused; auto falls back to the exact loop (the update equals the brute force)."""
+    from test_dp_core import TiedOutputLM
+
+    torch.manual_seed(0)
+    model = TiedOutputLM()
+    dataset = TinyTokenDataset(n=24, seed=1)
+    reference_model = copy.deepcopy(model).double()
+    trainer = DPTrainer(model=model, args=_args(tmp_path), train_dataset=dataset, data_collator=pad_collate,
+                        dp_config=_exact(method, loss_type="causal_lm"))
+    if method == "hooks":
+        with pytest.raises(NotPrivatizableError, match="do not sum to its gradient"):
+            trainer.train()
+        return
+    trainer.train()
+    assert trainer.dp_method_used == "loop"
+    _assert_trained_like_reference(trainer, _causal_reference(reference_model, dataset, _steps(24, 4, 1), 4))
+
+
+def _causal_reference(model64, dataset, steps, batch):
+    """:func:`_reference_sgd` for a model that returns no loss: shifted cross-entropy written out here."""
+
+    class WithLoss(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, labels):
+            logits = self.inner(input_ids=input_ids)["logits"]
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
+            return {"loss": loss}
+
+    _reference_sgd(WithLoss(model64), dataset, steps, batch)
+    return {n: p.detach() for n, p in trainable_parameters(model64).items()}
+
+
+# ------------------------------------------------------------------------------------------ padding, either side
+
+
+def _sequence_classifier(kind: str, pad_token_id: int | None) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=2,
+                            pad_token_id=pad_token_id)
+        model = tf.GPT2ForSequenceClassification(cfg)
+    else:
+        cfg = tf.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             num_labels=2, pad_token_id=pad_token_id)
+        model = tf.LlamaForSequenceClassification(cfg)
+    _hookable_trainable(model)
+    return _no_dropout(model)
+
+
+def _hookable_trainable(model: torch.nn.Module) -> None:
+    """Train the head and layers Opacus can hook (GPT-2's MLP is transformers' Conv1D, which it cannot)."""
+    gpt2 = isinstance(model, tf.GPT2PreTrainedModel)
+    for n, p in model.named_parameters():
+        layer = n.endswith(("ln_f.weight", ".1.ln_2.weight", ".1.ln_2.bias")) if gpt2 else ".1.mlp." in n
+        p.requires_grad_(n.startswith("score") or layer)
+
+
+CLS = dict(n=24, seed=1, min_len=4, max_len=16, kind="cls")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["auto", "vmap", "loop"])
+def test_sequence_classifier_without_pad_token_refused(tmp_path, kind, method):
+    """Without config.pad_token_id, GPT2/LlamaForSequenceClassification pool the last position of the row: padding
+    whose value depends on the batch's longest example. HF refuses batches > 1, but vmap (and the loop, which kept
+    the padding) ran every example as a batch of one, so it trained silently; now refused on the first padded batch,
+    naming the fix."""
+    dataset = TinyTokenDataset(**CLS)
+    assert len({len(dataset[i]["input_ids"]) for i in _steps(24, 4, 1)[0]}) > 1  # right-padded
+    trainer = DPTrainer(model=_sequence_classifier(kind, None), args=_args(tmp_path), train_dataset=dataset,
+                        data_collator=pad_collate, dp_config=_exact(method))
+    with pytest.raises(ValueError, match=r"pad_token_id is None.*model\.config\.pad_token_id = tokenizer"):
+        trainer.train()
+    assert trainer.accountant.steps == 0
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["auto", "vmap", "hooks", "loop"])
+def test_sequence_classifier_with_pad_token_matches_each_example_alone(tmp_path, kind, method):
+    dataset = TinyTokenDataset(**CLS)
+    model = _sequence_classifier(kind, 0)
+    reference_model = copy.deepcopy(model).double()
+    trainer = DPTrainer(model=model, args=_args(tmp_path), train_dataset=dataset, data_collator=pad_collate,
+                        dp_config=_exact(method))
+    trainer.train()
+    assert method == "auto" or trainer.dp_method_used == method
+    _assert_trained_like_reference(trainer, _reference_sgd(reference_model, dataset, _steps(24, 4, 1), 4))
+
+
+@pytest.mark.parametrize("method", ["auto", "loop"])
+def test_model_ignoring_the_attention_mask_refused(tmp_path, method):
+    """A model that mean-pools over the padded row was "ambiguous" for the mask check, fell to the loop (which kept
+    the padding) and trained silently on gradients depending on the other examples' lengths."""
+    from test_dp_core import MeanPoolIgnoringMask
+
+    torch.manual_seed(0)
+    trainer = DPTrainer(model=MeanPoolIgnoringMask(), args=_args(tmp_path), train_dataset=TinyTokenDataset(**CLS),
+                        data_collator=pad_collate, dp_config=_exact(method))
+    with pytest.raises(ValueError, match="ignores attention_mask"):
+        trainer.train()
+
+
+class BatchOfOneShortcut(tf.GPT2ForSequenceClassification):
+    """Pools the last position when it sees one row (as HF does without pad_token_id, since it cannot check a batch
+    of one), the last real token otherwise: right for the batch and for each example alone, wrong only for a padded
+    example run as a batch of one, which is what vmap does."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        kwargs.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        if input_ids is not None and input_ids.shape[0] == 1:
+            pad, self.config.pad_token_id = self.config.pad_token_id, None
+            try:
+                return super().forward(**kwargs)
+            finally:
+                self.config.pad_token_id = pad
+        return super().forward(**kwargs)
+
+
+def _batch_of_one_first_seed(n: int, batch: int) -> int:
+    """A sampler seed whose first Poisson batch holds one example and whose second holds several of different
+    lengths (with TinyTokenDataset(**CLS))."""
+    lengths = [len(x["input_ids"]) for x in TinyTokenDataset(**CLS).items]
+    for seed in range(200):
+        first, second = _steps(n, batch, 2, seed=seed)
+        if len(first) == 1 and len({lengths[i] for i in second}) > 2:
+            return seed
+    raise AssertionError("no such seed")
+
+
+@pytest.mark.parametrize("method", ["auto", "vmap"])
+def test_vmap_verified_against_each_example_alone_on_padded_batches(tmp_path, method):
+    """The method was settled on a first batch of one (nothing padded to compare) and vmap then trained padded
+    examples through the batch-of-one shortcut. Now nothing is settled on a batch of one, and on the first padded
+    batch vmap's outputs and per-example gradients are compared with each example alone: auto falls back to hooks
+    (the updates equal the brute force), explicit vmap is refused."""
+    seed = _batch_of_one_first_seed(24, 4)
+    dataset = TinyTokenDataset(**CLS)
+    torch.manual_seed(0)
+    model = BatchOfOneShortcut(_sequence_classifier("gpt2", 0).config)
+    _hookable_trainable(model)
+    _no_dropout(model)
+    reference_model = copy.deepcopy(model).double()
+    trainer = DPTrainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=dataset,
+                        data_collator=pad_collate, dp_config=_exact(method, sampler_seed=seed))
+    if method == "vmap":
+        with pytest.raises(ValueError, match="per_sample_method='vmap' does not reproduce each example alone"):
+            trainer.train()
+        assert trainer.state.global_step == 1  # the batch of one trained (exactly, by the loop)
+        return
+    with pytest.warns(UserWarning, match="'vmap' is not exact for this model on padded batches"):
+        trainer.train()
+    assert trainer.dp_method_used == "hooks"
+    _assert_trained_like_reference(trainer, _reference_sgd(reference_model, dataset, _steps(24, 4, 2, seed=seed), 4))
+
+
+def test_collator_position_ids_counted_over_the_padded_row_refused(tmp_path):
+    """position_ids = arange(T) for every row under left padding skipped the left-padding fix (it only ran without
+    position_ids): GPT-2's example gradients depended on the longest example. Refused; position_ids counted from
+    each row's own first token train exactly like each example alone."""
+    dataset = TinyTokenDataset(n=24, seed=1, min_len=4, max_len=16)
+
+    def arange_positions(batch):
+        out = left_pad_collate(batch)
+        out["position_ids"] = torch.arange(out["input_ids"].shape[1]).expand_as(out["input_ids"]).clone()
+        return out
+
+    def own_positions(batch):
+        out = left_pad_collate(batch)
+        out["position_ids"] = (out["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return out
+
+    model = _no_dropout(_lora_b_nonzero(tiny_lora_model("gpt2")))
+    trainer = DPTrainer(model=copy.deepcopy(model), args=_args(tmp_path), train_dataset=dataset,
+                        data_collator=arange_positions, dp_config=_exact("vmap"))
+    with pytest.raises(ValueError, match="position_ids of row .* start at"):
+        trainer.train()
+    reference_model = copy.deepcopy(model).double()
+    trainer = DPTrainer(model=model, args=_args(tmp_path), train_dataset=dataset, data_collator=own_positions,
+                        dp_config=_exact("vmap"))
+    trainer.train()
+    _assert_trained_like_reference(trainer, _reference_sgd(reference_model, dataset, _steps(24, 4, 1), 4))
+
+
+class MeanOfSequenceMeansLM(PlainCausalLM):
+    """A causal LM whose own loss is the unweighted mean of per-sequence means: DP-SGD's objective itself."""
+
+    def can_generate(self) -> bool:  # what makes it a causal LM for loss_type="auto"
+        return True
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        out = super().forward(input_ids)
+        if labels is not None:
+            logits, targets = out["logits"][:, :-1], labels[:, 1:]
+            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none",
+                                                   ignore_index=-100)
+            valid = (targets != -100).sum(-1)
+            out["loss"] = (ce.sum(-1)[valid > 0] / valid[valid > 0]).mean()
+        return out
+
+
+def test_first_batch_loss_check_accepts_a_mean_of_sequence_means(tmp_path):
+    """The check only accepted HF's token-weighted mean and refused a model computing DP's own objective."""
+    dataset = TinyTokenDataset(n=16)
+    torch.manual_seed(0)
+    trainer = DPTrainer(model=MeanOfSequenceMeansLM(), args=_args(tmp_path), train_dataset=dataset,
+                        data_collator=pad_collate,
+                        dp_config=DPConfig(noise_multiplier=1.0, per_sample_method="loop", sampler_seed=0))
+    trainer.train()
+    assert trainer.dp_loss_type == "causal_lm" and trainer._dp_engine.loss_verified
+
+
+def test_loss_check_message_gives_both_means(tmp_path):
+    torch.manual_seed(0)
+    trainer = DPTrainer(model=PlainCausalLM(), args=_args(tmp_path), train_dataset=TinyTokenDataset(n=16),
+                        data_collator=pad_collate,
+                        dp_config=DPConfig(noise_multiplier=1.0, per_sample_method="loop", sampler_seed=0))
+    with pytest.raises(ValueError, match=r"model's loss [\d.]+; .* average to [\d.]+ weighted .*, [\d.]+ unweighted"):
         trainer.train()

@@ -2,25 +2,24 @@
 the privatised parameters trains, nothing un-noised computed from the private batches reaches the model or the Hub,
 and nothing of the user's is modified.
 
-Each test fails on the code before the audit (issue 8): there EVA ran on the private batches, BatchNorm in eval mode
-was accepted, the Poisson sample was seeded from ``TrainingArguments.seed``, a parameter unfrozen after construction
-trained on raw gradients, ``dp_state.pt`` sat inside pushed checkpoint folders and an older checkpoint replayed its
-noise, explicit seeds did not warn and ``TrainingArguments`` were modified in place.
+Each test fails on the code before the audit (issue 8) or its review: there EVA ran on the private batches (also
+when added during training, or given a loader over the training set), BatchNorm in eval mode was accepted, the
+Poisson sample was seeded from ``TrainingArguments.seed``, a parameter unfrozen after construction trained on raw
+gradients (hooks) or was silently left untrained (vmap, loop), explicit seeds did not warn, ``TrainingArguments`` were
+modified in place and an overridden ``compute_loss`` was silently not trained. Checkpoints and resume:
+``test_dp_checkpoints.py``.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 
 import pytest
 import torch
-from test_dp_trainer import _StopAt
 from tiny import VOCAB, TinyTokenDataset, pad_collate, tiny_batches, tiny_lora_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_svd_plugins.dp import DPConfig, DPTrainer
-from hf_svd_plugins.dp.checkpoint import LEGACY_STATE_NAME, PRIVATE_DIR, private_state_path
 from hf_svd_plugins.dp.per_sample import trainable_parameters
 from hf_svd_plugins.dp.sampling import PoissonBatchSampler
 
@@ -71,7 +70,10 @@ def test_eva_on_private_batches_refused_public_eva_runs(tmp_path):
     with pytest.raises(ValueError, match=r"EvaCallback\(dataloader=public_loader\).*eva_init"):
         _dp(tmp_path, callbacks=[EvaCallback(rho=1.0)])
     late = _dp(tmp_path)
-    late.add_callback(EvaCallback(rho=1.0))
+    with pytest.raises(ValueError, match="private training batches"):
+        late.add_callback(EvaCallback(rho=1.0))
+    assert not any(isinstance(cb, EvaCallback) for cb in late.callback_handler.callbacks)
+    late.callback_handler.callbacks.append(EvaCallback(rho=1.0))  # behind the Trainer's back
     before = _lora_a(late.model)
     with pytest.raises(ValueError, match="private training batches"):
         late.train()
@@ -110,7 +112,9 @@ class NormClassifier(torch.nn.Module):
         self.head = torch.nn.Linear(8, 2)
 
     def forward(self, input_ids, attention_mask=None, labels=None):
-        return {"logits": self.head(self.norm(self.embed(input_ids).mean(dim=1)))}
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        pooled = (self.embed(input_ids) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        return {"logits": self.head(self.norm(pooled))}
 
 
 @pytest.mark.parametrize(
@@ -203,36 +207,6 @@ def test_training_twice_draws_new_batches(tmp_path, explicit):
     assert trainer.accountant.steps == 12
 
 
-def test_resume_restores_the_secret_sampler_seed(tmp_path):
-    """The secret seed lives in the private DP state: a run resumed with fresh (different) secrets takes exactly the
-    batches the interrupted run would have taken next, and continues its noise stream."""
-    dataset = TinyTokenDataset(n=32)
-    first = _dp(tmp_path, dataset=dataset, max_steps=6, save_strategy="steps", save_steps=3)
-    first.add_callback(_StopAt(3))
-    first.train()
-    interrupted_noise = first._dp_release.generator.get_state()
-    would_take = [b for b in PoissonBatchSampler(32, 4 / 32, 8, 1, seed=first._dp_sampler_seed)][3:6]
-
-    collate = RecordingCollator(dataset)
-    resumed = _dp(tmp_path, dataset=dataset, collator=collate, max_steps=6)
-    assert resumed._dp_sampler_seed != first._dp_sampler_seed
-    seen_noise = []
-    resumed.add_callback(_RecordNoiseState(resumed, seen_noise))
-    resumed.train(resume_from_checkpoint=True)
-    assert resumed._dp_sampler_seed == first._dp_sampler_seed
-    assert collate.batches == [b for b in would_take if b]  # the skipped steps 1-3 are not loaded, nor empty ones
-    assert torch.equal(seen_noise[0], interrupted_noise)
-    assert resumed.accountant.history == [(1.0, 4 / 32, 6)]
-
-
-class _RecordNoiseState(TrainerCallback):
-    def __init__(self, trainer, out: list) -> None:
-        self.trainer, self.out = trainer, out
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.out.append(self.trainer._dp_release.generator.get_state())
-
-
 # --------------------------------------------------------------------------- 4. only the privatised parameters
 
 
@@ -265,16 +239,19 @@ class _UnfreezeAfter(TrainerCallback):
                     p.requires_grad_(True)
 
 
-def test_parameter_unfrozen_during_training_refused(tmp_path):
-    """Unfrozen mid-run, Opacus' backward leaves the raw batch gradient in A.grad: training stops at that step."""
+@pytest.mark.parametrize("method", ["hooks", "vmap", "loop"])
+def test_parameter_unfrozen_during_training_refused(tmp_path, method):
+    """Unfrozen mid-run, Opacus' backward leaves the raw batch gradient in A.grad; vmap and loop silently left A
+    untrained. Whatever the method, training stops at that step."""
     model = tiny_lora_model("llama")
     for n, p in model.named_parameters():
         if "lora_A" in n:
             p.requires_grad_(False)
     trainer = _dp(tmp_path, model=model, max_steps=4, callbacks=[_UnfreezeAfter(model, 1)],
-                  dp=DPConfig(noise_multiplier=1.0, per_sample_method="hooks", sampler_seed=0))
+                  dp=DPConfig(noise_multiplier=1.0, per_sample_method=method, sampler_seed=0))
     assert all(len(b) for b in list(trainer.get_train_dataloader().batch_sampler)[1:3])
-    with pytest.raises(ValueError, match="holding a gradient outside the privatised set"):
+    match = "holding a gradient outside" if method == "hooks" else r"trainable \(requires_grad\) but not privatised"
+    with pytest.raises(ValueError, match=match):
         trainer.train()
     assert trainer.state.global_step == 1
 
@@ -288,87 +265,119 @@ def test_custom_optimizer_over_frozen_parameters_refused(tmp_path):
         trainer.train()
 
 
-# ------------------------------------------------------------------------------------ 6. checkpoints and the Hub
-
-
-class FakeHub:
-    """Stands in for ``huggingface_hub.HfApi``: records every upload; files are listed when the upload "runs",
-    which for the Trainer's ``run_as_future=True`` uploads is after the checkpoint is complete."""
-
-    def __init__(self) -> None:
-        self.uploads: list[dict] = []
-
-    def create_repo(self, repo_id, **kwargs):
-        return type("Repo", (), {"repo_id": f"user/{repo_id}"})()
-
-    def upload_folder(self, **kwargs):
-        self.uploads.append(kwargs)
-        done = concurrent.futures.Future()
-        done.set_result(None)
-        return done
-
-    def uploaded_files(self) -> list[str]:
-        from huggingface_hub.utils import filter_repo_objects
-
-        files = []
-        for up in self.uploads:
-            root = up["folder_path"]
-            rel = [os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs]
-            files += [os.path.join(root, r) for r in filter_repo_objects(
-                rel, allow_patterns=up.get("allow_patterns"), ignore_patterns=up.get("ignore_patterns"))]
-        return files
-
-
-@pytest.mark.parametrize("strategy", ["checkpoint", "all_checkpoints"])
-def test_dp_state_never_pushed(tmp_path, monkeypatch, strategy):
-    """hub_strategy="checkpoint"/"all_checkpoints" upload checkpoint folders whole: the noise generator and sampler
-    seed must not be in them. A warning says what is pushed and that checkpoints are not self-resumable."""
-    import transformers.trainer
-
-    hub = FakeHub()
-    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
-    with pytest.warns(UserWarning, match=f"hub_strategy='{strategy}' uploads whole checkpoint folders"):
-        trainer = _dp(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, push_to_hub=True,
-                      hub_strategy=strategy, hub_model_id="dp-test")
-    trainer.train()
-    uploaded = hub.uploaded_files()
-    assert any(os.sep + "checkpoint-4" + os.sep in f for f in uploaded)  # checkpoints were pushed
-    assert not [f for f in uploaded if PRIVATE_DIR in f or f.endswith(LEGACY_STATE_NAME)]
-    state = torch.load(private_state_path(str(tmp_path / "checkpoint-4")), weights_only=True)
-    assert state["sampler_seed"] == trainer._dp_sampler_seed
-
-
-def test_resuming_from_an_older_checkpoint_refused(tmp_path):
-    """From checkpoint-2 while checkpoint-4 of the same noise stream exists, steps 3-4 would draw the same noise again
-    for other gradients (their difference is noise-free) and their privacy would be forgotten."""
-    first = _dp(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
-    first.train()
-    again = _dp(tmp_path, max_steps=4)
-    with pytest.raises(ValueError, match="draw the noise of the later steps"):
-        again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
-    os.remove(private_state_path(str(tmp_path / "checkpoint-4")))  # "their outputs were never seen by anyone"
-    again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
-    assert again.accountant.steps == 4
-
-
-def test_private_states_rotate_with_checkpoints(tmp_path):
-    trainer = _dp(tmp_path, max_steps=6, save_strategy="steps", save_steps=2, save_total_limit=1)
-    trainer.train()
-    assert sorted(os.listdir(tmp_path / PRIVATE_DIR)) == ["checkpoint-6.pt"]
-    assert not os.path.exists(tmp_path / "checkpoint-6" / LEGACY_STATE_NAME)
-
-
 # ------------------------------------------------------------------------------ 13. the user's objects stay as given
 
 
 def test_user_arguments_and_config_not_modified(tmp_path):
-    args = _args(tmp_path, max_grad_norm=1.0)
+    args = _args(tmp_path, max_grad_norm=2.0)
     config = DPConfig(noise_multiplier=1.0)
-    with pytest.warns(UserWarning, match="max_grad_norm=1.0 is disabled"):
+    with pytest.warns(UserWarning, match="max_grad_norm=2.0 .* is disabled"):
         trainer = DPTrainer(model=tiny_lora_model("llama"), args=args, train_dataset=TinyTokenDataset(n=32),
                             data_collator=pad_collate, dp_config=config)
-    assert args.max_grad_norm == 1.0 and trainer.args.max_grad_norm == 0.0
+    assert args.max_grad_norm == 2.0 and trainer.args.max_grad_norm == 0.0
     config.noise_multiplier = 5.0
     assert trainer.dp_config.noise_multiplier == 1.0 and trainer.noise_multiplier == 1.0
     trainer.train()
     assert trainable_parameters(trainer.model)
+
+
+# ---------------------------------------------------------------------------- callbacks added during training
+
+
+class _WritesFromBatches(TrainerCallback):
+    """Stands in for EVA on the training batches: declares reading them, and writes into LoRA A when it runs."""
+
+    reads_train_data = True
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def on_step_end(self, args, state, control, **kwargs):
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                if "lora_A" in n:
+                    p.fill_(1.0)
+
+
+class _AddsCallback(TrainerCallback):
+    def __init__(self, add) -> None:
+        self.add = add
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            self.add()
+
+
+@pytest.mark.parametrize("how", ["add_callback", "append"])
+def test_callback_reading_the_batches_added_during_training_refused(tmp_path, how):
+    """The refusal only ran at construction and train begin: a callback added by another callback during training
+    ran, and wrote into LoRA A. Refused at once by add_callback, else at the next step begin, before it runs."""
+    model = tiny_lora_model("llama")
+    holder: list = []
+
+    def add():
+        bad = _WritesFromBatches(model)
+        if how == "add_callback":
+            holder[0].add_callback(bad)
+        else:
+            holder[0].callback_handler.callbacks.append(bad)
+
+    trainer = _dp(tmp_path, model=model, max_steps=3, learning_rate=0.0, callbacks=[_AddsCallback(add)],
+                  save_strategy="steps", save_steps=1, dp=DPConfig(noise_multiplier=1.0, sampler_seed=0))
+    holder.append(trainer)
+    before = _lora_a(model)
+    with pytest.raises(ValueError, match=r"\['_WritesFromBatches'\] read the Trainer's private training batches"):
+        trainer.train()
+    assert trainer.state.global_step == 1 and trainer.accountant.steps == 1
+    if how == "add_callback":  # refused before it was ever called
+        assert all(torch.equal(before[n], p) for n, p in _lora_a(model).items())
+    else:  # appended behind the Trainer's back it ran in the same event, but nothing after it is saved or released
+        assert not os.path.exists(tmp_path / "checkpoint-1")
+
+
+def test_eva_on_a_loader_over_the_private_training_set_refused(tmp_path):
+    """EvaCallback(dataloader=...) is for public data; a loader over the training set itself (or a Subset of it)
+    is the private data without the Trainer's sampling."""
+    from hf_svd_plugins.eva import EvaCallback
+
+    private = TinyTokenDataset(n=32)
+    for loader in (torch.utils.data.DataLoader(private, batch_size=8, collate_fn=pad_collate),
+                   torch.utils.data.DataLoader(torch.utils.data.Subset(private, range(16)), batch_size=8,
+                                               collate_fn=pad_collate)):
+        with pytest.raises(ValueError, match="dataloader over the private training set"):
+            _dp(tmp_path, dataset=private, callbacks=[EvaCallback(dataloader=loader, rho=1.0)])
+    trainer = _dp(tmp_path, dataset=private)
+    with pytest.raises(ValueError, match="dataloader over the private training set"):
+        trainer.add_callback(EvaCallback(dataloader=torch.utils.data.DataLoader(private, collate_fn=pad_collate)))
+
+
+def test_hf_dataset_views_share_the_training_set():
+    from datasets import Dataset
+
+    from hf_svd_plugins.dp.checks import shares_dataset
+
+    ds = Dataset.from_dict({"input_ids": [[1, 2], [3, 4], [5, 6]]})
+    assert shares_dataset(torch.utils.data.DataLoader(ds.select([0, 1])), ds)
+    assert shares_dataset(ds.shuffle(seed=0), ds)
+    assert not shares_dataset(Dataset.from_dict({"input_ids": [[1, 2]]}), ds)
+
+
+# --------------------------------------------------------------------------------- a loss DP would not train
+
+
+def test_overridden_compute_loss_refused(tmp_path):
+    """DP computes each example's loss from the logits and never calls compute_loss: a subclass's own loss was
+    silently replaced by the plain one (its compute_loss was called 0 times)."""
+
+    class WeightedLoss(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return 2 * super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    from hf_svd_plugins.dp import DPMixin
+
+    class DPWeighted(DPMixin, WeightedLoss):
+        pass
+
+    with pytest.raises(ValueError, match="WeightedLoss.compute_loss is never called under DP"):
+        DPWeighted(model=tiny_lora_model("llama"), args=_args(tmp_path), train_dataset=TinyTokenDataset(n=32),
+                   data_collator=pad_collate, dp_config=DPConfig(noise_multiplier=1.0))

@@ -108,9 +108,52 @@ def test_trains_logs_epsilon_and_matches_accountant(tmp_path):
 
 
 def test_trainer_max_grad_norm_disabled_with_warning(tmp_path):
-    with pytest.warns(UserWarning, match="max_grad_norm"):
-        trainer = _trainer(tmp_path, max_grad_norm=1.0)
+    with pytest.warns(UserWarning, match="max_grad_norm=2.0"):
+        trainer = _trainer(tmp_path, max_grad_norm=2.0)
     assert trainer.args.max_grad_norm == 0
+
+
+def test_deepspeed_clipping_off_on_a_copy_of_the_users_config(tmp_path):
+    """copy.copy of the arguments shared the DeepSpeed plugin and its config dict with the user's object, and DP set
+    gradient_clipping = 0 in it (the user's next, non-private Trainer then trained unclipped). The real engine is
+    checked in test_dp_distributed.py; here the copy itself, with a stand-in plugin of accelerate's attributes."""
+    from types import SimpleNamespace
+
+    from hf_svd_plugins.dp.arguments import private_arguments
+
+    config = {"gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}
+    hf_ds_config = SimpleNamespace(config=config)
+    plugin = SimpleNamespace(deepspeed_config=config, hf_ds_config=hf_ds_config, gradient_clipping=1.0)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    args.deepspeed_plugin, args.hf_deepspeed_config = plugin, hf_ds_config
+    own = private_arguments(args, 0.5)
+    assert config == {"gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}
+    assert args.deepspeed_plugin is plugin and plugin.gradient_clipping == 1.0 and args.max_grad_norm == 1.0
+    assert own.max_grad_norm == 0.0 and own.deepspeed_plugin.gradient_clipping == 0.0
+    assert own.deepspeed_plugin.deepspeed_config["gradient_clipping"] == 0.0
+    assert own.hf_deepspeed_config.config is own.deepspeed_plugin.deepspeed_config
+
+
+def test_default_path_prints_no_warning_of_its_own(tmp_path):
+    """The default configuration printed 9 warnings: 6x Opacus' "Optimal order is the largest alpha" (from the PRV
+    accountant's internal RDP bound), a FutureWarning from evaluating the deprecated is_gradient_checkpointing
+    eagerly, and "max_grad_norm=1.0 is disabled" for TrainingArguments' own default."""
+    import warnings
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True)
+    model = tiny_lora_model("llama")  # (PEFT's get_peft_model reads is_gradient_checkpointing itself)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = DPTrainer(model=model, args=args, train_dataset=TinyTokenDataset(n=32),
+                            data_collator=pad_collate, dp_config=DPConfig(target_epsilon=8.0))
+        trainer.train()
+        trainer.get_epsilon(1e-6)
+    ours = [f"{w.category.__name__}: {w.message}" for w in caught
+            if "Optimal order" in str(w.message) or "is_gradient_checkpointing" in str(w.message)
+            or "max_grad_norm" in str(w.message) or "hf_svd_plugins" in w.filename]
+    assert ours == []
+    assert args.max_grad_norm == 1.0 and trainer.args.max_grad_norm == 0.0
 
 
 def test_empty_poisson_batches(tmp_path):
@@ -235,6 +278,12 @@ def test_dp_sft_trainer(tmp_path):
         DPSFTTrainer(model=tiny_lora_model("llama"), args=SFTConfig(output_dir=str(tmp_path), packing=True,
                      use_cpu=True, report_to=[]), train_dataset=ds, processing_class=tok,
                      dp_config=DPConfig(noise_multiplier=1.0))
+    # DFT reweights every token by its probability in SFTTrainer.compute_loss, which DP does not call: it used to
+    # train plain NLL silently
+    with pytest.raises(ValueError, match="loss_type='dft'"):
+        DPSFTTrainer(model=tiny_lora_model("llama"), args=SFTConfig(output_dir=str(tmp_path), loss_type="dft",
+                     use_cpu=True, report_to=[]), train_dataset=ds, processing_class=tok,
+                     dp_config=DPConfig(noise_multiplier=1.0))
     # SFTConfig turns activation checkpointing on by default; Opacus hooks and torch.func are not exact with it
     with pytest.raises(ValueError, match="checkpointing"):
         DPSFTTrainer(model=tiny_lora_model("llama"), args=SFTConfig(output_dir=str(tmp_path), use_cpu=True,
@@ -279,7 +328,7 @@ def test_hooks_with_checkpointing_would_be_wrong_so_auto_uses_loop(tmp_path):
 
 def test_shuffled_fixed_batches_without_poisson(tmp_path):
     """poisson_sampling=False: the Trainer's own shuffled batches of exactly B; accounting uses q = B / N."""
-    with pytest.warns(UserWarning, match="NOT what the accountant analyses"):
+    with pytest.warns(UserWarning, match="NOT what the accountants' amplification by subsampling analyses"):
         trainer = _trainer(tmp_path, max_steps=2, learning_rate=0.05,
                            dp=DPConfig(noise_multiplier=1.0, poisson_sampling=False, noise_seed=0))
     assert not isinstance(trainer.get_train_dataloader().batch_sampler, PoissonBatchSampler)
@@ -320,3 +369,108 @@ def test_empty_micro_batch_with_gradient_accumulation(tmp_path):
     assert trainer.state.global_step == 8 and trainer.accountant.history == [(1.0, 2 / 16, 8)]
     lengths = [len(x["input_ids"]) for x in TinyTokenDataset(n=16).items]
     assert trainer.state.num_input_tokens_seen == sum(len(mb) * max(lengths[i] for i in mb) for mb in micro if mb)
+
+
+def test_dp_sft_completion_only_loss_is_honoured(tmp_path):
+    """TRL folds completion_only_loss into the labels (-100 on the prompt), and each example's DP loss is the mean
+    over its own targets: one SGD step (sigma 0, no clipping) equals the brute force over completion tokens only,
+    prompt lengths counted with the tokenizer here."""
+    from datasets import Dataset
+    from tiny import tiny_tokenizer
+    from trl import SFTConfig
+
+    from hf_svd_plugins.dp import DPSFTTrainer
+
+    tok = tiny_tokenizer()
+    words = [f"w{i}" for i in range(2, 97)]
+    prompts = [" ".join(words[i : i + 3 + i % 4]) for i in range(24)]
+    completions = [" " + " ".join(words[i + 10 : i + 12 + i % 3]) for i in range(24)]
+    data = Dataset.from_dict({"prompt": prompts, "completion": completions})
+    model = _lora_b_nonzero(tiny_lora_model("llama"))
+    reference_model = copy.deepcopy(model).double()
+    cfg = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, learning_rate=1.0,
+                    optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, report_to=[], use_cpu=True,
+                    save_strategy="no", disable_tqdm=True, bf16=False, completion_only_loss=True,
+                    activation_checkpointing=False, gradient_checkpointing=False, max_grad_norm=0.0)
+    trainer = DPSFTTrainer(model=model, args=cfg, train_dataset=data, processing_class=tok,
+                           dp_config=DPConfig(noise_multiplier=0.0, max_grad_norm=1e9, sampler_seed=0, noise_seed=0))
+    before = {n: p.detach().clone().double() for n, p in trainable_parameters(model).items()}
+    trainer.train()
+    sampled = list(PoissonBatchSampler(24, 4 / 24, 6, 1, seed=0))[0]
+    assert len(sampled) > 1
+    params = trainable_parameters(reference_model)
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for i in sampled:
+        ids = torch.tensor(trainer.train_dataset[i]["input_ids"])
+        labels = ids.clone()
+        labels[: len(tok(prompts[i])["input_ids"])] = -100
+        loss = reference_model(input_ids=ids[None], labels=labels[None]).loss
+        for n, g in zip(params, torch.autograd.grad(loss, list(params.values())), strict=True):
+            total[n] += g
+    for n, p in trainable_parameters(model).items():
+        torch.testing.assert_close(before[n] - p.detach().double(), total[n] / 4, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def _gaussian_mechanism_epsilon(mu: float, delta: float) -> float:
+    """The exact (epsilon, delta) of a mu-GDP Gaussian mechanism (Balle & Wang 2018):
+    delta(eps) = Phi(-eps / mu + mu / 2) - e^eps Phi(-eps / mu - mu / 2), solved for eps."""
+    import math
+
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    return brentq(lambda e: norm.cdf(-e / mu + mu / 2) - math.exp(e) * norm.cdf(-e / mu - mu / 2) - delta, 1e-6, 200)
+
+
+def test_shuffled_batches_report_the_epsilon_that_holds(tmp_path):
+    """poisson_sampling=False logged the amplified (Poisson) epsilon while the warning said another one holds. The
+    logged epsilon, the final metrics and get_epsilon() are now the Gaussian mechanism composed once per epoch:
+    10 steps of 8 per epoch = 2 participations, mu = sqrt(2) / sigma."""
+    with pytest.warns(UserWarning, match="poisson_sampling=False"):
+        trainer = _trainer(tmp_path, max_steps=10, logging_steps=5, learning_rate=0.05,
+                           dp=DPConfig(noise_multiplier=1.5, poisson_sampling=False, noise_seed=0))
+    out = trainer.train()
+    exact = _gaussian_mechanism_epsilon(2**0.5 / 1.5, 1e-5)
+    logged = [entry["epsilon"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged[0] == pytest.approx(_gaussian_mechanism_epsilon(1 / 1.5, 1e-5), rel=0.02)  # 5 steps: epoch 1
+    assert out.metrics["epsilon"] == trainer.get_epsilon() == logged[1]
+    assert trainer.get_epsilon() == pytest.approx(exact, rel=0.02)
+    assert trainer.accountant.get_epsilon(1e-5) < 0.5 * exact  # what amplification would (wrongly) report
+
+
+def test_shuffled_batches_hard_budget_counts_epochs(tmp_path):
+    """max_epsilon = one participation's epsilon: the 8 steps of epoch 1 run, epoch 2 would be a second one."""
+    limit = compute_epsilon(1.5, 1.0, 1, 1e-5) * (1 + 1e-6)
+    assert limit == pytest.approx(_gaussian_mechanism_epsilon(1 / 1.5, 1e-5), rel=0.02)
+    with pytest.warns(UserWarning, match="poisson_sampling=False"):
+        trainer = _trainer(tmp_path, max_steps=12, learning_rate=0.05,
+                           dp=DPConfig(noise_multiplier=1.5, poisson_sampling=False, noise_seed=0,
+                                       max_epsilon=limit * 10))
+    trainer.dp_config.max_epsilon = limit  # the plan (2 epochs) would be refused at construction
+    trainer.train()
+    assert trainer.accountant.steps == 8 and trainer.accountant.unamplified == [(1.5, 1.0, 1)]
+    assert trainer.get_epsilon() <= limit
+
+
+class _Interrupt(TrainerCallback):
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def on_step_end(self, args, state, control, **kwargs):
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()], ids=["error", "interrupt"])
+def test_failed_hooks_run_leaves_no_hooks_on_the_model(tmp_path, exc):
+    """A hooks run that failed mid-train left Opacus' hooks on the user's model, and the next DPTrainer on it
+    failed with "Trying to add hooks twice"."""
+    model = tiny_lora_model("llama")
+    dp = DPConfig(noise_multiplier=1.0, per_sample_method="hooks", noise_seed=0, sampler_seed=0)
+    trainer = _trainer(tmp_path, model=model, max_steps=3, dp=dp)
+    trainer.add_callback(_Interrupt(exc))
+    with pytest.raises(type(exc)):
+        trainer.train()
+    assert trainer.state.global_step == 1 and not hasattr(model, "autograd_grad_sample_hooks")
+    again = _trainer(tmp_path, model=model, max_steps=2, dp=dp)
+    again.train()
+    assert again.dp_method_used == "hooks"

@@ -2,14 +2,21 @@
 
 History is Opacus' format, a list of ``(noise_multiplier, sample_rate, num_steps)``. Noise calibration from a target
 ``(epsilon, delta)`` uses Opacus' ``get_noise_multiplier`` with the same accountant that reports epsilon.
+
+Opacus warns "Optimal order is the largest alpha" whenever its RDP optimum sits at the edge of its grid of orders
+(the PRV accountant computes an RDP bound internally to size its domain): the bound is still valid, only possibly
+looser, so that warning is silenced here. Sample rate 1 (no amplification) is supported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -33,6 +40,13 @@ def make_accountant(name: str) -> IAccountant:
     return ACCOUNTANTS[name]()
 
 
+@contextlib.contextmanager
+def _quiet_opacus() -> Iterator[None]:
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):  # PRV at q = 1 takes log(0)
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+        yield
+
+
 def _clean_history(history: Sequence[tuple[float, float, int]]) -> History:
     return [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0 and float(q) > 0]
 
@@ -54,7 +68,8 @@ def epsilon_of_history(
     acc = make_accountant(accountant)
     acc.history = hist
     kwargs = {"eps_error": eps_error} if acc.mechanism() == "prv" else {}
-    return float(acc.get_epsilon(delta=delta, **kwargs))
+    with _quiet_opacus():
+        return float(acc.get_epsilon(delta=delta, **kwargs))
 
 
 def compute_epsilon(
@@ -87,8 +102,8 @@ def calibrate_noise_multiplier(
     mechanism = make_accountant(accountant).mechanism()
     kwargs = {"eps_error": eps_error} if mechanism == "prv" else {}
     try:
-        return float(
-            get_noise_multiplier(
+        with _quiet_opacus():
+            sigma = float(get_noise_multiplier(
                 target_epsilon=target_epsilon,
                 target_delta=delta,
                 sample_rate=sample_rate,
@@ -96,17 +111,22 @@ def calibrate_noise_multiplier(
                 accountant=mechanism,
                 epsilon_tolerance=epsilon_tolerance,
                 **kwargs,
-            )
-        )
+            ))
     except ValueError as exc:
         raise ValueError(
             f"target_epsilon={target_epsilon} cannot be met at delta={delta:.3g} with sample_rate={sample_rate:.4g} "
             f"over {steps} steps ({exc}); raise target_epsilon or delta, or train fewer steps / smaller batches"
         ) from exc
+    return sigma
 
 
 class PrivacyAccountant:
     """Privacy spent so far: an Opacus accountant's history plus caching, state dict and budget look-ahead.
+
+    Two histories: ``history``, every step as a Poisson-subsampled Gaussian release ``(sigma, q, steps)`` (what the
+    accountants analyse), and ``unamplified``, ``(sigma, 1.0, participations)`` for batches that are not a secret
+    Poisson sample (an example is in at most one batch per epoch of shuffled batches, whose order may be known): the
+    Gaussian mechanism composed once per participation, no amplification.
 
     Args:
         accountant: a name in :data:`ACCOUNTANTS`.
@@ -118,6 +138,7 @@ class PrivacyAccountant:
         self.accountant = accountant
         self.eps_error = eps_error
         self.history: History = []
+        self.unamplified: History = []
         self._cache: dict[tuple, float] = {}
 
     @property
@@ -126,46 +147,55 @@ class PrivacyAccountant:
 
     def step(self, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
         """Record ``num_steps`` steps (merged into the last history entry when sigma and q are unchanged)."""
-        if num_steps <= 0:
-            return
-        if self.history and self.history[-1][0] == noise_multiplier and self.history[-1][1] == sample_rate:
-            s, q, n = self.history[-1]
-            self.history[-1] = (s, q, n + num_steps)
-        else:
-            self.history.append((float(noise_multiplier), float(sample_rate), int(num_steps)))
+        _append(self.history, noise_multiplier, sample_rate, num_steps)
 
-    def get_epsilon(self, delta: float) -> float:
-        key = (tuple(self.history), delta)
+    def participate(self, noise_multiplier: float, num: int = 1) -> None:
+        """Record ``num`` releases that may include an example, without amplification (sample rate 1)."""
+        _append(self.unamplified, noise_multiplier, 1.0, num)
+
+    def get_epsilon(self, delta: float, amplified: bool = True) -> float:
+        """Epsilon at ``delta`` of ``history`` (``amplified``) or of ``unamplified``."""
+        history = self.history if amplified else self.unamplified
+        key = (amplified, tuple(history), delta)
         if key not in self._cache:
-            self._cache[key] = epsilon_of_history(self.history, delta, self.accountant, self.eps_error)
+            self._cache[key] = epsilon_of_history(history, delta, self.accountant, self.eps_error)
         return self._cache[key]
 
-    def epsilon_after(self, delta: float, noise_multiplier: float, sample_rate: float, extra_steps: int) -> float:
-        """Epsilon if ``extra_steps`` more steps at ``(sigma, q)`` were taken (the history is not changed)."""
+    def epsilon_after(
+        self, delta: float, noise_multiplier: float, sample_rate: float, extra_steps: int, amplified: bool = True
+    ) -> float:
+        """Epsilon if ``extra_steps`` more steps at ``(sigma, q)`` were taken (or, not ``amplified``, that many more
+        participations at ``sigma``); the histories are not changed."""
         probe = PrivacyAccountant(self.accountant, self.eps_error)
-        probe.history = list(self.history)
-        probe.step(noise_multiplier, sample_rate, extra_steps)
-        return probe.get_epsilon(delta)
+        probe.history, probe.unamplified = list(self.history), list(self.unamplified)
+        if amplified:
+            probe.step(noise_multiplier, sample_rate, extra_steps)
+        else:
+            probe.participate(noise_multiplier, extra_steps)
+        return probe.get_epsilon(delta, amplified)
 
     def max_extra_steps(
-        self, epsilon_limit: float, delta: float, noise_multiplier: float, sample_rate: float, upper: int
+        self, epsilon_limit: float, delta: float, noise_multiplier: float, sample_rate: float, upper: int,
+        amplified: bool = True,
     ) -> int:
-        """The most steps (at most ``upper``) at ``(sigma, q)`` that keep epsilon <= ``epsilon_limit`` (bisection)."""
-        if self.epsilon_after(delta, noise_multiplier, sample_rate, upper) <= epsilon_limit:
+        """The most steps (participations if not ``amplified``; at most ``upper``) at ``(sigma, q)`` that keep
+        epsilon <= ``epsilon_limit`` (bisection)."""
+        def fits(n: int) -> bool:
+            return self.epsilon_after(delta, noise_multiplier, sample_rate, n, amplified) <= epsilon_limit
+
+        if fits(upper):
             return upper
-        lo, hi = 0, upper  # eps(lo) <= limit < eps(hi)
-        if self.get_epsilon(delta) > epsilon_limit:
+        if self.get_epsilon(delta, amplified) > epsilon_limit:
             return 0
+        lo, hi = 0, upper  # eps(lo) <= limit < eps(hi)
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if self.epsilon_after(delta, noise_multiplier, sample_rate, mid) <= epsilon_limit:
-                lo = mid
-            else:
-                hi = mid
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         return lo
 
     def state_dict(self) -> dict:
-        return {"accountant": self.accountant, "eps_error": self.eps_error, "history": list(self.history)}
+        return {"accountant": self.accountant, "eps_error": self.eps_error, "history": list(self.history),
+                "unamplified": list(self.unamplified)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("accountant", self.accountant) != self.accountant:
@@ -174,4 +204,15 @@ class PrivacyAccountant:
                 f"{self.accountant!r}; resume with the same accountant"
             )
         self.history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+        self.unamplified = [(float(s), float(q), int(n)) for s, q, n in state.get("unamplified", [])]
         self._cache.clear()
+
+
+def _append(history: History, noise_multiplier: float, sample_rate: float, num_steps: int) -> None:
+    if num_steps <= 0:
+        return
+    if history and history[-1][0] == noise_multiplier and history[-1][1] == sample_rate:
+        s, q, n = history[-1]
+        history[-1] = (s, q, n + num_steps)
+    else:
+        history.append((float(noise_multiplier), float(sample_rate), int(num_steps)))

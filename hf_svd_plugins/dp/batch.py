@@ -2,8 +2,8 @@
 
 One row of a batch is one example (the privacy unit). Anything that lets one row's loss depend on another row, or on
 the batch's padded length, breaks the sensitivity bound ``C``: several examples packed in one row, targets at padded
-positions, positions counted from the padded length (left padding with learned position embeddings; see
-:mod:`.masks`). The checks here raise ``ValueError`` naming the fix.
+positions, positions counted from the padded length (see
+:mod:`.padding`). The checks here raise ``ValueError`` naming the fix.
 """
 
 from __future__ import annotations
@@ -33,46 +33,14 @@ def logits_of(output: object) -> torch.Tensor:
     return output["logits"] if isinstance(output, Mapping) else output[0]
 
 
-def has_left_padding(attention_mask: torch.Tensor) -> bool:
-    """True if some row of a 2D mask ``(B, T)`` has a padded position before a real token."""
-    if attention_mask.dim() != 2 or attention_mask.shape[1] < 2:
-        return False
-    am = attention_mask.bool()
-    return bool((~am[:, :-1] & am[:, 1:]).any())
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``(B, T)`` positions counted over each row's own real tokens: ``0, 1, ...`` from its first token, whatever the
-    padding before it (padded positions get 0). For a row alone and unpadded this is ``arange(L)``."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def per_token_keys(model_inputs: Mapping[str, object], batch: int, length: int) -> list[str]:
-    """Keys of tensors laid out ``(B, T, ...)`` like ``input_ids`` (what to cut when a row is taken alone)."""
-    return [k for k, v in model_inputs.items()
-            if torch.is_tensor(v) and v.dim() >= 2 and v.shape[0] == batch and v.shape[1] == length]
-
-
 def check_not_packed(inputs: Mapping[str, object]) -> None:
-    """Refuse packed / padding-free rows (several examples in one row): flash-attention ``cu_seq_lens`` keys, or
-    ``position_ids`` that restart inside a row's real tokens."""
+    """Refuse packed / padding-free rows (several examples in one row): flash-attention ``cu_seq_lens`` keys.
+    ``position_ids`` that restart inside a row are refused by :func:`~.padding.check_position_ids`."""
     if any(k in inputs for k in PACKED_KEYS):
         raise ValueError(
             "packed / padding-free batches put several examples in one row, which breaks per-example privacy; "
             "disable packing and padding_free (one example per row, padded)"
         )
-    pos = inputs.get("position_ids")
-    if not torch.is_tensor(pos) or pos.dim() != 2 or pos.shape[1] < 2:
-        return
-    am = inputs.get("attention_mask")
-    real = am.bool() if torch.is_tensor(am) and am.shape == pos.shape else torch.ones_like(pos, dtype=torch.bool)
-    for row in range(pos.shape[0]):
-        p = pos[row][real[row]]
-        if p.numel() > 1 and not bool((p[1:] - p[:-1] == 1).all()):
-            raise ValueError(
-                "position_ids restart inside a row (several sequences packed in one row): that breaks "
-                "per-example privacy; put one example per row (no packing / DataCollatorWithFlattening)"
-            )
 
 
 def check_no_targets_on_padding(inputs: Mapping[str, object]) -> None:

@@ -1,16 +1,18 @@
 """Refusals: what breaks the DP guarantee is stopped with a ``ValueError`` that names the fix.
 
-At construction (before any training work): settings that change what is clipped (fp16 loss scaling, the Trainer's
-batch clipping, sharded parameters), modules that couple examples (BatchNorm), callbacks that write an un-noised
-function of the private batches into the model (EVA on the training data), data sets without ``len()``.
-At train begin and before every optimizer step: the optimizer must hold exactly the privatised parameters and no
-other parameter may carry a gradient (a parameter unfrozen after construction would otherwise train on raw
-gradients), and no saved buffer of the model may have changed (a running statistic computed from private data).
+At construction (before any training work): settings that change what is clipped (fp16 loss scaling, sharded
+parameters), a loss the per-example computation would silently ignore (``compute_loss_func``, an overridden
+``compute_loss``), modules that couple examples (BatchNorm), callbacks that write an un-noised function of the private
+batches into the model (EVA on the training data, or on a loader over the training set), data sets without ``len()``.
+When a callback is added, at every step begin and before every release: those callbacks again.
+At train begin and before every optimizer step: the trainable parameters and the optimizer's must be exactly the
+privatised ones and no other parameter may carry a gradient (a parameter unfrozen after construction would
+otherwise train on raw gradients, or be silently left untrained), and no saved buffer of the model may have changed
+(a running statistic computed from private data).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 
 import torch
@@ -22,8 +24,7 @@ from hf_svd_plugins.trainer_utils import reads_train_data
 
 
 def check_trainer_features(trainer, cfg: DPConfig) -> None:
-    """fp16, FSDP, DeepSpeed ZeRO-3 / hooks under DeepSpeed, ``compute_loss_func``. Sets DeepSpeed's own
-    ``gradient_clipping`` to 0 (batch-level clipping after the noise would break the guarantee)."""
+    """fp16, FSDP, DeepSpeed ZeRO-3 / hooks under DeepSpeed, ``compute_loss_func``, an overridden ``compute_loss``."""
     if getattr(trainer.args, "fp16", False):
         raise ValueError(
             "fp16=True is not supported under DP: loss scaling would scale per-example gradients before clipping; "
@@ -46,13 +47,30 @@ def check_trainer_features(trainer, cfg: DPConfig) -> None:
                 "per_sample_method='hooks' does not work under DeepSpeed (its backward would trigger DeepSpeed's "
                 "gradient reduction hooks); use 'vmap' or 'loop'"
             )
-        ds_clip = plugin.deepspeed_config.get("gradient_clipping", 0)
-        if ds_clip not in (0, 0.0, "auto", None):
-            warnings.warn(f"DeepSpeed gradient_clipping={ds_clip} is disabled under DP", UserWarning, stacklevel=4)
-        plugin.deepspeed_config["gradient_clipping"] = 0.0
     if trainer.compute_loss_func is not None:
         raise ValueError(
             "compute_loss_func is not supported by DPTrainer: the per-example loss is set by DPConfig.loss_type"
+        )
+    check_compute_loss(trainer)
+
+
+def _is_stock_compute_loss(owner: type) -> bool:
+    from transformers import Trainer
+
+    return owner is Trainer or (owner.__name__ == "SFTTrainer" and owner.__module__.split(".")[0] == "trl")
+
+
+def check_compute_loss(trainer) -> None:
+    """Refuse a Trainer subclass that overrides ``compute_loss``: DP never calls it (each example's loss comes from
+    the model's logits per ``DPConfig.loss_type``), so the override would silently not be trained. Trainer's and
+    TRL SFTTrainer's own are fine (SFTConfig.loss_type other than "nll" is refused by DPSFTTrainer)."""
+    owner = next((cls for cls in type(trainer).__mro__ if "compute_loss" in vars(cls)), None)
+    if owner is not None and not _is_stock_compute_loss(owner):
+        raise ValueError(
+            f"{owner.__qualname__}.compute_loss is never called under DP: each example's loss is computed from the "
+            "model's logits (DPConfig.loss_type='causal_lm', 'token' or 'sequence', mean over the example's own "
+            "targets), so this override would silently not be trained. Remove it, or express the objective "
+            "through labels (-100 for positions without a loss) and DPConfig.loss_type"
         )
 
 
@@ -97,24 +115,70 @@ def check_dataset(dataset: object) -> int:
     return len(dataset)
 
 
-def check_callbacks(callbacks: Iterable[object]) -> None:
+def _datasets_under(obj: object, depth: int = 0) -> Iterable[object]:
+    """``obj`` and what it wraps: a DataLoader's ``dataset``, a ``Subset``'s, a ``ConcatDataset``'s parts."""
+    if obj is None or depth > 8:
+        return
+    yield obj
+    inner = getattr(obj, "dataset", None)
+    if inner is not None and inner is not obj:
+        yield from _datasets_under(inner, depth + 1)
+    for part in getattr(obj, "datasets", None) or ():
+        yield from _datasets_under(part, depth + 1)
+
+
+def shares_dataset(obj: object, dataset: object) -> bool:
+    """Whether ``obj`` (a DataLoader or data set) reads ``dataset``: the same object, wrapped (``Subset``,
+    ``ConcatDataset``, a DataLoader), or a ``datasets.Dataset`` over the same Arrow table or cache files (``select``,
+    ``shuffle``, ``filter`` views)."""
+    if obj is None or dataset is None:
+        return False
+    files, buffers = _storage(dataset)
+    for d in _datasets_under(obj):
+        if d is dataset:
+            return True
+        other_files, other_buffers = _storage(d)
+        if files & other_files or buffers & other_buffers:
+            return True
+    return False
+
+
+def _storage(dataset: object) -> tuple[set, set]:
+    """A ``datasets.Dataset``'s cache files and the addresses of its Arrow buffers (shared by its views)."""
+    files = {f.get("filename") for f in getattr(dataset, "cache_files", None) or [] if isinstance(f, dict)} - {None}
+    table = getattr(getattr(dataset, "_data", None), "table", None)
+    buffers = set()
+    for column in getattr(table, "columns", None) or ():
+        for chunk in column.chunks:
+            buffers |= {b.address for b in chunk.buffers() if b is not None and b.size > 0}
+    return files, buffers
+
+
+def check_callbacks(callbacks: Iterable[object], train_dataset: object = None) -> None:
     """Refuse callbacks that compute something from the Trainer's training batches and write it into the model
-    (:func:`~hf_svd_plugins.trainer_utils.reads_train_data`): that output is an un-noised function of the private
-    data that no accountant covers."""
+    (:func:`~hf_svd_plugins.trainer_utils.reads_train_data`), and such callbacks given a loader over the training
+    set itself (``EvaCallback(dataloader=DataLoader(train_dataset))``): that output is an un-noised function of the
+    private data that no accountant covers."""
     bad = [type(cb).__name__ for cb in callbacks if reads_train_data(cb)]
-    if bad:
+    private_loader = [type(cb).__name__ for cb in callbacks
+                      if hasattr(cb, "reads_train_data") and shares_dataset(getattr(cb, "dataloader", None),
+                                                                            train_dataset)]
+    if bad or private_loader:
+        what = (f"callbacks {bad} read the Trainer's private training batches" if bad else
+                f"callbacks {private_loader} were given a dataloader over the private training set")
         raise ValueError(
-            f"callbacks {bad} read the Trainer's private training batches and write the result into the model with "
-            "no noise and no accounting, which voids the DP guarantee. Give them public data instead: "
-            "EvaCallback(dataloader=public_loader), or run eva_init(model, public_loader) before creating the "
-            "DPTrainer"
+            f"{what} and write the result into the model with no noise and no accounting, which voids the DP "
+            "guarantee. Give them public data instead: EvaCallback(dataloader=public_loader), or run "
+            "eva_init(model, public_loader) before creating the DPTrainer"
         )
 
 
 def check_only_private_parameters(
     model: nn.Module, private: dict[str, nn.Parameter], optimizer: object | None, deepspeed: bool = False
 ) -> None:
-    """The optimizer's parameters must be exactly the privatised ones, and no other parameter may hold a gradient.
+    """The trainable parameters (``requires_grad``) and the optimizer's must be exactly the privatised ones, and no
+    other parameter may hold a gradient. Whatever the per-example method: under Opacus hooks a parameter unfrozen
+    later gets the raw batch gradient, under vmap and loop it would be silently left out.
 
     Args:
         model: the unwrapped model.
@@ -125,17 +189,20 @@ def check_only_private_parameters(
     private_ids = {id(p) for p in private.values()}
     names = {id(p): n for n, p in model.named_parameters()}
     stray_grads = [n for n, p in model.named_parameters() if id(p) not in private_ids and p.grad is not None]
-    if deepspeed or optimizer is None:
-        held = {id(p) for p in model.parameters() if p.requires_grad}
-    else:
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    held = set() if deepspeed or optimizer is None else {id(p) for g in optimizer.param_groups for p in g["params"]}
+    unfrozen = sorted(names.get(i, "?") for i in trainable - private_ids)
+    frozen = sorted(names.get(i, "?") for i in private_ids - trainable)
     extra = sorted(names.get(i, "<not in the model>") for i in held - private_ids)
-    missing = sorted(names.get(i, "?") for i in private_ids - held)
-    if stray_grads or extra or missing:
+    missing = sorted(names.get(i, "?") for i in private_ids - held) if held else []
+    if stray_grads or unfrozen or frozen or extra or missing:
         details = []
         if extra:
-            details.append(f"{'trainable' if deepspeed or optimizer is None else 'in the optimizer'} but not "
-                           f"privatised: {extra[:5]}")
+            details.append(f"in the optimizer but not privatised: {extra[:5]}")
+        if unfrozen:
+            details.append(f"trainable (requires_grad) but not privatised: {unfrozen[:5]}")
+        if frozen:
+            details.append(f"privatised but frozen since (requires_grad=False): {frozen[:5]}")
         if missing:
             details.append(f"privatised but not trained: {missing[:5]}")
         if stray_grads:

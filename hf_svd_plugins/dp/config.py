@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 
 PER_SAMPLE_METHODS = ("auto", "vmap", "hooks", "loop")
@@ -35,9 +36,10 @@ class DPConfig:
             an optimizer step that would exceed it (e.g. when resumed with more steps). Defaults to ``target_epsilon``
             when that is given, otherwise no hard limit.
         poisson_sampling: sample each logical batch by including every example independently with probability
-            ``q = expected_batch / N`` (what the accountants analyse). ``False`` uses the Trainer's shuffled fixed-size
-            batches, whose order follows the public ``TrainingArguments.seed``: the reported epsilon is then not a
-            guarantee (a warning gives the epsilon that holds without amplification).
+            ``q = expected_batch / N`` (what the accountants' amplification by subsampling analyses). ``False`` uses
+            the Trainer's shuffled fixed-size batches, whose order follows the public ``TrainingArguments.seed``: no
+            amplification holds, so the epsilon reported (and calibrated, and budgeted) is then the Gaussian
+            mechanism composed once per epoch begun.
         per_sample_method: how per-example gradients are computed. ``"vmap"``: ``torch.func`` (exact, fast);
             ``"hooks"``: Opacus ``GradSampleModule`` hooks (exact for the layers Opacus supports); ``"loop"``: one
             backward per example (exact, slow, works for any model); ``"auto"``: ``vmap`` when its attention-mask handling is
@@ -51,13 +53,16 @@ class DPConfig:
             targets, the per-example losses must average to the model's own loss (``ValueError`` under ``"auto"``,
             a warning for an explicit type).
         max_physical_batch_size: compute per-example gradients in chunks of at most this many examples (bounds
-            memory; the math is unchanged). ``None``: the whole micro-batch at once.
+            memory; the math is unchanged), and run the first-batch padding checks on at most this many. ``None``:
+            the whole micro-batch at once.
         noise_seed: seed of the noise generator. ``None`` (required for real privacy) draws 62 bits from
-            ``secrets`` on rank 0 and broadcasts them. An explicit seed warns: whoever knows it can regenerate the
-            noise, and runs with the same seed add the same noise. Its state is kept in the private DP state of every
-            checkpoint, so resuming continues the same stream.
+            ``secrets`` on rank 0 and broadcasts them, and fresh ones when resuming from a checkpoint (restoring the
+            generator would draw the same noise again for whatever the resumed run computes). An explicit seed warns:
+            whoever knows it can regenerate the noise, and runs with the same seed add the same noise; its state is
+            restored on resume, so a resumed run continues the same stream.
         sampler_seed: seed of the Poisson sampler, the same way: ``None`` is secret (never ``TrainingArguments.seed``,
-            which is public); an explicit seed warns. Each further ``train()`` call draws a new sample.
+            which is public) and fresh on every resume; an explicit seed warns and is restored on resume. Each
+            further ``train()`` call draws a new sample.
         eps_error: accuracy of the PRV accountant's epsilon (ignored by RDP).
         epsilon_tolerance: accuracy of the sigma calibration from ``target_epsilon``.
     """
@@ -82,9 +87,20 @@ class DPConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the bad field and the fix. Called on construction."""
+        """Raise ``TypeError`` (wrong type) or ``ValueError`` (wrong value) naming the bad field and the fix. Called on
+        construction (and by ``dataclasses.replace``)."""
         from hf_svd_plugins.dp.accounting import ACCOUNTANTS
 
+        _require(self, "max_grad_norm", _is_real, "a number")
+        for name in ("noise_multiplier", "target_epsilon", "target_delta", "max_epsilon"):
+            _require(self, name, _is_real, "a number or None", optional=True)
+        for name in ("total_steps", "max_physical_batch_size", "noise_seed", "sampler_seed"):
+            _require(self, name, _is_int, "an int or None", optional=True)
+        for name in ("accountant", "per_sample_method", "loss_type"):
+            _require(self, name, lambda v: isinstance(v, str), "a str")
+        _require(self, "poisson_sampling", lambda v: isinstance(v, bool), "True or False")
+        for name in ("eps_error", "epsilon_tolerance"):
+            _require(self, name, _is_real, "a number")
         if not _finite(self.max_grad_norm) or self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r}: the clipping bound C must be a finite number > 0")
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
@@ -98,12 +114,10 @@ class DPConfig:
             raise ValueError(f"target_epsilon={self.target_epsilon!r}: must be a finite number > 0")
         if self.target_delta is not None and not (0 < self.target_delta < 1):
             raise ValueError(f"target_delta={self.target_delta!r}: delta must be in (0, 1), typically << 1/N")
-        if self.total_steps is not None and (
-            isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int) or self.total_steps < 1
-        ):
+        if self.total_steps is not None and self.total_steps < 1:
             raise ValueError(
-                f"total_steps={self.total_steps!r}: must be an int >= 1 (e.g. rounds x local_steps), or None for "
-                "this Trainer's own run"
+                f"total_steps={self.total_steps!r}: must be >= 1 (e.g. rounds x local_steps), or None for this "
+                "Trainer's own run"
             )
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant={self.accountant!r}: choose one of {sorted(ACCOUNTANTS)}")
@@ -115,6 +129,10 @@ class DPConfig:
             raise ValueError(f"loss_type={self.loss_type!r}: choose one of {LOSS_TYPES}")
         if self.max_physical_batch_size is not None and self.max_physical_batch_size < 1:
             raise ValueError(f"max_physical_batch_size={self.max_physical_batch_size!r}: must be >= 1 or None")
+        for name in ("noise_seed", "sampler_seed"):
+            seed = getattr(self, name)
+            if seed is not None and not 0 <= seed < 2**63:
+                raise ValueError(f"{name}={seed!r}: a seed must be in [0, 2**63), or None for a secret one")
         if not _finite(self.eps_error) or self.eps_error <= 0:
             raise ValueError(f"eps_error={self.eps_error!r}: must be > 0")
         if not _finite(self.epsilon_tolerance) or self.epsilon_tolerance <= 0:
@@ -142,5 +160,20 @@ class DPConfig:
         return asdict(self)
 
 
+def _is_real(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 def _finite(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return _is_real(x) and math.isfinite(x)
+
+
+def _require(config: DPConfig, name: str, ok, what: str, optional: bool = False) -> None:
+    value = getattr(config, name)
+    if (optional and value is None) or ok(value):
+        return
+    raise TypeError(f"DPConfig.{name}={value!r} ({type(value).__name__}): must be {what}")

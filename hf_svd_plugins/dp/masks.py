@@ -1,4 +1,4 @@
-"""Attention masks and positions for the per-example computation, verified against the model on real batches.
+"""Attention masks for the per-example computation, verified against the model on real batches.
 
 Under ``torch.func.vmap`` every example runs as a batch of one, so Hugging Face's data-dependent mask shortcuts must
 not see a batched 2D mask: the padding mask is turned into an additive 4D mask of the kind the model uses. Which kind
@@ -12,10 +12,7 @@ is decided by comparing logits with the model's own handling of the 2D mask (:fu
 A window only shows on sequences longer than it: a verification on shorter batches is provisional
 (:func:`declared_window`) and is repeated when a longer batch arrives.
 
-Positions: with left padding, a model that numbers positions ``0..T-1`` over the padded row (GPT-2's learned ``wpe``)
-gives an example's tokens positions that depend on the longest example of the batch. :func:`detect_position_handling`
-checks, on a left-padded batch, whether the model's outputs equal each example's own output alone and unpadded,
-either as is or with ``position_ids`` counted from the mask.
+Positions and padding are checked against each example alone in :mod:`.padding`.
 """
 
 from __future__ import annotations
@@ -25,17 +22,21 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from hf_svd_plugins.dp.batch import logits_of, per_token_keys, position_ids_from_mask, split_inputs
+from hf_svd_plugins.dp.batch import logits_of, split_inputs
 
 #: preference order: the most specific kind that reproduces the model wins
 MASK_KINDS = ("per_layer", "sliding_causal", "causal", "bidirectional")
 _WINDOW_ATTRIBUTES = ("sliding_window", "attention_chunk_size", "local_attention")
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def model_config(model: nn.Module) -> object | None:
     """The (PEFT-unwrapped) model's ``config``, or None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, "config", None)
+    return getattr(base_model(model), "config", None)
 
 
 def sliding_window_of(model: nn.Module) -> int | None:
@@ -164,49 +165,3 @@ def longest_real_length(inputs: Mapping[str, object]) -> int:
         return int(am.sum(dim=-1).max()) if am.numel() else 0
     ids = inputs.get("input_ids")
     return int(ids.shape[1]) if torch.is_tensor(ids) and ids.dim() >= 2 else 0
-
-
-def _matches_each_example_alone(model: nn.Module, model_inputs: dict, batched: torch.Tensor, atol: float) -> bool:
-    am = model_inputs["attention_mask"].bool()
-    b, t = am.shape
-    keys = per_token_keys(model_inputs, b, t)
-    for i in range(b):
-        real = am[i]
-        alone = {k: (v[i : i + 1, real] if k in keys else v) for k, v in model_inputs.items()
-                 if k != "attention_mask"}
-        alone["attention_mask"] = torch.ones(1, int(real.sum()), dtype=model_inputs["attention_mask"].dtype,
-                                             device=am.device)
-        ref = logits_of(model(**alone))[0]
-        got = batched[i, real] if batched.dim() == 3 else batched[i]
-        if got.shape != ref.shape or not torch.allclose(got.float(), ref.float(), atol=atol, rtol=1e-3):
-            return False
-    return True
-
-
-@torch.no_grad()
-def detect_position_handling(model: nn.Module, inputs: Mapping[str, object], atol: float = 1e-4) -> str | None:
-    """How to give a left-padded batch's examples the positions they have alone: ``"from_mask"`` (pass
-    ``position_ids`` counted from the mask, :func:`~.batch.position_ids_from_mask`), ``"model"`` (the model's own
-    handling already matches, e.g. RoBERTa counts positions from the padding), or None (neither does).
-
-    Reference: every example alone, unpadded (logits on its real positions, model in eval mode). Batches that
-    already carry ``position_ids`` or have no 2D ``attention_mask`` get ``"model"``.
-    """
-    model_inputs, _, _ = split_inputs(inputs)
-    am = model_inputs.get("attention_mask")
-    if "position_ids" in model_inputs or not torch.is_tensor(am) or am.dim() != 2:
-        return "model"
-    was_training = model.training
-    model.eval()
-    try:
-        candidates = {"from_mask": {**model_inputs, "position_ids": position_ids_from_mask(am)}, "model": model_inputs}
-        for name, batch_inputs in candidates.items():
-            try:
-                batched = logits_of(model(**batch_inputs))
-            except TypeError:  # the model takes no position_ids
-                continue
-            if _matches_each_example_alone(model, model_inputs, batched, atol):
-                return name
-        return None
-    finally:
-        model.train(was_training)

@@ -1,16 +1,18 @@
-"""Per-example losses and per-example gradients over the trainable parameters only.
+"""Per-example gradients over the trainable parameters only (the per-example losses are in :mod:`.loss_type`).
 
 Three exact methods, all returning ``({name: (B, *param_shape)}, losses (B,))``:
 
 - :func:`vmap_per_sample_grads`: ``torch.func.vmap(grad(functional_call))``. Each example runs as a batch of one, so
   the padding mask is passed as a 4D additive mask of the kind the model uses (see :mod:`.masks`).
 - :func:`hooks_per_sample_grads`: Opacus ``GradSampleModule`` hooks (``loss_reduction="sum"``); every grad sample
-  must have the batch's leading dimension, else :class:`NotPrivatizableError`.
-- :func:`loop_per_sample_grads`: one backward per example (reference; any model).
+  must have the batch's leading dimension and sum to the gradient the same backward produced (a parameter also used
+  outside its module, e.g. an embedding matrix reused as the output layer, gets only part of its per-example gradient
+  from Opacus), else :class:`NotPrivatizableError`;
+- :func:`loop_per_sample_grads`: one backward per example alone, its padding stripped (the reference; any model).
 
 An example's loss is the mean over its *own* valid targets (``labels == -100`` ignored); nothing is normalised
-across examples, so one example's gradient never depends on the others. Positions under left padding are the
-caller's job (pass ``position_ids``; :func:`.masks.detect_position_handling` says when).
+across examples. Whether the batched methods reproduce each example alone and unpadded is checked on real batches by
+the caller (:mod:`.engine`, with :mod:`.padding`); positions under left padding are the caller's job too.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_map
 
 from hf_svd_plugins.dp.batch import IGNORE_INDEX, LABEL_KEYS, logits_of, split_inputs
+from hf_svd_plugins.dp.loss_type import per_example_loss
 from hf_svd_plugins.dp.masks import (
     attention_mask_4d,
     build_attention_mask,
@@ -30,82 +32,17 @@ from hf_svd_plugins.dp.masks import (
     float_dtype,
     sliding_window_of,
 )
+from hf_svd_plugins.dp.padding import example_alone
 
 __all__ = [
     "IGNORE_INDEX", "LABEL_KEYS", "NotPrivatizableError", "attention_mask_4d", "detect_mask_kind",
     "hooks_per_sample_grads", "loop_per_sample_grads", "per_example_loss", "trainable_parameters",
-    "unsupported_for_hooks", "vmap_per_sample_grads",
+    "unsupported_for_hooks", "vmap_per_example_outputs", "vmap_per_sample_grads",
 ]
 
 
 class NotPrivatizableError(ValueError):
     """A per-example gradient cannot be computed for some parameter with the chosen method."""
-
-
-# ------------------------------------------------------------------------------------------------ per-example losses
-
-
-def _token_mean(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """``logits (B, T, V)``, ``targets (B, T)`` -> ``(B,)`` mean CE over each row's targets != -100 (0 if none)."""
-    valid = targets != IGNORE_INDEX
-    safe = targets.masked_fill(~valid, 0)
-    ce = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float() if logits.dtype in (torch.float16, torch.bfloat16)
-        else logits.reshape(-1, logits.shape[-1]),
-        safe.reshape(-1),
-        reduction="none",
-        label_smoothing=label_smoothing,
-    ).reshape(targets.shape)
-    ce = ce * valid.to(ce.dtype)
-    count = valid.sum(dim=-1).clamp(min=1).to(ce.dtype)
-    return ce.sum(dim=-1) / count
-
-
-def per_example_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    loss_type: str,
-    label_smoothing: float = 0.0,
-    problem_type: str | None = None,
-) -> torch.Tensor:
-    """Loss of every example of a batch, each normalised by its own number of valid targets.
-
-    Args:
-        logits: ``(B, T, V)`` for ``causal_lm``/``token``, ``(B, C)`` for ``sequence``.
-        labels: ``(B, T)`` with ``-100`` ignored (``causal_lm``: position ``t`` predicts ``labels[t + 1]``), or for
-            ``sequence`` ``(B,)`` class ids, or float targets ``(B,)``/``(B, C)``.
-        loss_type: ``causal_lm``, ``token`` or ``sequence``.
-        label_smoothing: as in ``F.cross_entropy``.
-        problem_type: for ``sequence``, as ``PretrainedConfig.problem_type``: ``regression`` (MSE averaged over
-            outputs), ``multi_label_classification`` (BCE-with-logits averaged over labels),
-            ``single_label_classification`` (cross-entropy). None decides like Hugging Face: one output means
-            regression, integer labels single-label, float labels multi-label.
-
-    Returns:
-        ``(B,)``. An example without any valid target has loss 0 (and gradient 0).
-    """
-    if loss_type == "causal_lm":
-        return _token_mean(logits[:, :-1, :], labels[:, 1:], label_smoothing)
-    if loss_type == "token":
-        return _token_mean(logits, labels, label_smoothing)
-    if loss_type != "sequence":
-        raise ValueError(f"loss_type={loss_type!r}: use causal_lm, token or sequence")
-    b = logits.shape[0]
-    if problem_type is None:
-        if logits.shape[-1] == 1:
-            problem_type = "regression"
-        elif labels.dtype.is_floating_point:
-            problem_type = "multi_label_classification"
-        else:
-            problem_type = "single_label_classification"
-    if problem_type == "regression":
-        pred = logits.reshape(b, -1)
-        return (pred - labels.reshape(b, -1).to(pred.dtype)).pow(2).mean(dim=-1)
-    if problem_type == "multi_label_classification":
-        pred = logits.reshape(b, -1)
-        target = labels.reshape(b, -1).to(pred.dtype)
-        return F.binary_cross_entropy_with_logits(pred, target, reduction="none").mean(dim=-1)
-    return F.cross_entropy(logits, labels.reshape(-1), reduction="none", label_smoothing=label_smoothing)
 
 
 def _loss_from_output(
@@ -149,6 +86,41 @@ def vmap_per_sample_grads(
     """
     from torch.func import functional_call, grad, vmap
 
+    mapped, fixed, targets = _vmap_inputs(model, inputs, mask_kind)
+    detached = {n: p.detach() for n, p in params.items()}
+
+    def loss_one(p: dict[str, torch.Tensor], example: dict[str, torch.Tensor], target: torch.Tensor):
+        kwargs = tree_map(lambda v: v.unsqueeze(0), example)
+        out = functional_call(model, p, args=(), kwargs={**kwargs, **fixed})
+        loss = _loss_from_output(out, target.unsqueeze(0), loss_type, label_smoothing, problem_type)[0]
+        return loss, loss.detach()
+
+    with _math_attention():
+        grads, losses = vmap(grad(loss_one, has_aux=True), in_dims=(None, 0, 0), randomness="different")(
+            detached, mapped, targets
+        )
+    return dict(grads), losses
+
+
+@torch.no_grad()
+def vmap_per_example_outputs(model: nn.Module, inputs: Mapping[str, object], mask_kind: str = "none") -> torch.Tensor:
+    """The logits every example gets under :func:`vmap_per_sample_grads` (each a batch of one with the batch's padded
+    length and the 4D mask of ``mask_kind``): ``(B, T, V)`` or ``(B, C)``. What the method's own view of the batch
+    is compared with (each example alone and unpadded)."""
+    from torch.func import vmap
+
+    mapped, fixed, _ = _vmap_inputs(model, inputs, mask_kind)
+
+    def logits_one(example: dict[str, torch.Tensor]) -> torch.Tensor:
+        return logits_of(model(**tree_map(lambda v: v.unsqueeze(0), example), **fixed))[0]
+
+    with _math_attention():
+        return vmap(logits_one, randomness="different")(mapped)
+
+
+def _vmap_inputs(model: nn.Module, inputs: Mapping[str, object], mask_kind: str) -> tuple[dict, dict, torch.Tensor]:
+    """``(mapped, fixed, targets)``: the tensors vmap maps over (leading dim ``B``; a 2D ``attention_mask`` turned into
+    the 4D mask of ``mask_kind``) and the arguments passed as is."""
     model_inputs, targets, _ = split_inputs(inputs)
     batch = targets.shape[0]
     am = model_inputs.get("attention_mask")
@@ -163,23 +135,15 @@ def vmap_per_sample_grads(
     mapped = {k: v for k, v in model_inputs.items()
               if (torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch) or isinstance(v, dict)}
     fixed = {k: v for k, v in model_inputs.items() if k not in mapped}
-    detached = {n: p.detach() for n, p in params.items()}
+    return mapped, fixed, targets
 
-    def loss_one(p: dict[str, torch.Tensor], example: dict[str, torch.Tensor], target: torch.Tensor):
-        kwargs = tree_map(lambda v: v.unsqueeze(0), example)
-        out = functional_call(model, p, args=(), kwargs={**kwargs, **fixed})
-        loss = _loss_from_output(out, target.unsqueeze(0), loss_type, label_smoothing, problem_type)[0]
-        return loss, loss.detach()
 
+def _math_attention():
     # The fused CPU/GPU SDPA kernels have no vmap batching rule (a slow per-example fallback); the math backend
     # decomposes into batched matmuls and gives the same result.
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel([SDPBackend.MATH]):
-        grads, losses = vmap(grad(loss_one, has_aux=True), in_dims=(None, 0, 0), randomness="different")(
-            detached, mapped, targets
-        )
-    return dict(grads), losses
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def loop_per_sample_grads(
@@ -190,19 +154,19 @@ def loop_per_sample_grads(
     label_smoothing: float = 0.0,
     problem_type: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Per-example gradients by one forward/backward per example (slow, exact for any model). Same contract as
-    :func:`vmap_per_sample_grads`; each example keeps the batch's padding and 2D mask."""
-    model_inputs, targets, _ = split_inputs(inputs)
+    """Per-example gradients by one forward/backward per example alone, its padding stripped
+    (:func:`~.padding.example_alone`): slow, and the reference every other method is checked against. Same contract
+    as :func:`vmap_per_sample_grads`."""
+    _, targets, _ = split_inputs(inputs)
     batch = targets.shape[0]
     names = list(params)
     tensors = [params[n] for n in names]
     per_param: list[list[torch.Tensor]] = [[] for _ in names]
     losses = []
     for i in range(batch):
-        ex = {k: (v[i : i + 1] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == batch else v)
-              for k, v in model_inputs.items()}
+        ex, target = split_inputs(example_alone(inputs, i, batch))[:2]
         with torch.enable_grad():
-            loss = _loss_from_output(model(**ex), targets[i : i + 1], loss_type, label_smoothing, problem_type)[0]
+            loss = _loss_from_output(model(**ex), target, loss_type, label_smoothing, problem_type)[0]
             gs = torch.autograd.grad(loss, tensors, allow_unused=True)
         for j, g in enumerate(gs):
             per_param[j].append(torch.zeros_like(tensors[j]) if g is None else g.detach())
@@ -229,6 +193,7 @@ def hooks_per_sample_grads(
     loss_type: str,
     label_smoothing: float = 0.0,
     problem_type: str | None = None,
+    low_precision: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-example gradients from Opacus hooks: one batched forward/backward of ``sum_i loss_i``.
 
@@ -236,11 +201,14 @@ def hooks_per_sample_grads(
         grad_sample_module: ``opacus.GradSampleModule(model, batch_first=True, loss_reduction="sum")``.
         params: ``{name: param}`` of the wrapped model's trainable parameters (``p.grad`` is left untouched).
         inputs, loss_type, label_smoothing, problem_type: as in :func:`vmap_per_sample_grads`.
+        low_precision: the forward runs in half precision (bf16 autocast): the sum check's tolerance is looser.
 
     Raises:
-        NotPrivatizableError: a parameter got a gradient but no per-example one, or one whose leading dimension is
+        NotPrivatizableError: a parameter got a gradient but no per-example one, one whose leading dimension is
             not the batch (a parameter applied to the whole batch at once, e.g. learned position embeddings looked
-            up with ``(1, T)`` position ids: Opacus returns one sample for the whole batch).
+            up with ``(1, T)`` position ids: Opacus returns one sample for the whole batch), or per-example gradients
+            that do not sum to the batch gradient of the same backward (a parameter also used directly, outside its
+            module, e.g. ``F.linear(h, embed.weight)``: Opacus only sees the module's use).
     """
     model_inputs, targets, _ = split_inputs(inputs)
     batch = targets.shape[0]
@@ -260,6 +228,8 @@ def hooks_per_sample_grads(
                 bad.append(f"{n} (a gradient but no per-example gradient)")
             elif gs is not None and (gs.dim() != p.dim() + 1 or gs.shape[0] != batch):
                 bad.append(f"{n} (per-example gradient of shape {tuple(gs.shape)} for a batch of {batch})")
+            elif gs is not None and not _sums_to(gs, p.grad, low_precision):
+                bad.append(f"{n} (per-example gradients that do not sum to its gradient: a use outside its module)")
             out[n] = torch.zeros((batch, *p.shape), dtype=p.dtype, device=p.device) if gs is None else gs
     finally:
         for n, p in params.items():
@@ -268,7 +238,18 @@ def hooks_per_sample_grads(
     if bad:
         raise NotPrivatizableError(
             f"per_sample_method='hooks' cannot privatise {bad[:4]}: Opacus computed no per-example gradient for "
-            "them (a parameter applied to the whole batch at once, such as learned position embeddings); use "
+            "them (a parameter applied to the whole batch at once, such as learned position embeddings, or also used "
+            "directly outside its module, such as an embedding matrix reused as the output layer); use "
             "per_sample_method='vmap' or 'loop'"
         )
     return out, losses.detach()
+
+
+def _sums_to(grad_sample: torch.Tensor, grad: torch.Tensor | None, low_precision: bool = False) -> bool:
+    """``grad_sample (B, *shape)`` sums to ``grad`` up to float summation error (relative to the per-example sizes)."""
+    total = grad_sample.sum(0)
+    if grad is None:
+        return not bool(total.any())
+    low = low_precision or grad.dtype in (torch.float16, torch.bfloat16)
+    scale = grad_sample.reshape(grad_sample.shape[0], -1).double().norm(dim=1).sum()
+    return float((total.double() - grad.double()).norm()) <= (1e-2 if low else 1e-4) * float(scale) + 1e-12

@@ -86,10 +86,6 @@ class PoissonBatchSampler(Sampler[list[int]]):
             idx = poisson_sample(self.num_examples, self.sample_rate, gen)
             yield from split_logical_batch(idx, self.gradient_accumulation_steps, self.world_size, self.rank)
 
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch, "sample_rate": self.sample_rate,
-                "num_examples": self.num_examples}
-
 
 EMPTY_BATCH_KEY = "dp_empty_batch"
 

@@ -2,8 +2,9 @@
 
 How it plugs into the Trainer's loop (transformers 5.x):
 
-- ``__init__``: refusals (:mod:`.checks`), noise calibration, secret seeds (:mod:`.seeds`). The user's
-  ``TrainingArguments`` and ``DPConfig`` are copied, never modified.
+- ``__init__``: the Trainer gets a private copy of the ``TrainingArguments`` (:mod:`.arguments`: batch clipping off,
+  DeepSpeed's too); refusals (:mod:`.checks`), noise calibration, secret seeds (:mod:`.seeds`). The user's
+  arguments and ``DPConfig`` are never modified.
 - ``get_train_dataloader``: Poisson-sampled logical batches (:class:`~.sampling.PoissonBatchSampler`), split into
   ``gradient_accumulation_steps`` micro-batches and, under DDP, into one share per rank. The expected logical batch is
   ``per_device_train_batch_size * gradient_accumulation_steps * world_size``.
@@ -11,23 +12,22 @@ How it plugs into the Trainer's loop (transformers 5.x):
   clipped to ``C``, summed into float32 accumulators (:class:`~.release.NoisyRelease`). No ``loss.backward()``; HF's
   ``num_items_in_batch`` is not computed (each example's loss is the mean over its own valid targets).
 - Right before the optimizer step (``_get_grad_norm``, with a ``on_pre_optimizer_step`` callback as a fallback):
-  the optimizer must hold exactly the privatised parameters; accumulators are summed over ranks, Gaussian noise
-  ``N(0, sigma^2 C^2)`` is added once, the result is divided by the expected batch size and written to ``.grad``.
-  The accountant records the step. The logged ``grad_norm`` is that of the released (noised) gradient.
+  trainable and optimizer parameters must be exactly the privatised ones; accumulators are summed over ranks,
+  Gaussian noise ``N(0, sigma^2 C^2)`` is added once, the result is divided by the expected batch size and written
+  to ``.grad``. The accountant records the step (:mod:`.budget`). The logged ``grad_norm`` is that of the released
+  (noised) gradient.
 - DeepSpeed ZeRO-1/2: DeepSpeed steps inside ``accelerator.backward`` of the last micro-batch, so the release happens
   in ``training_step`` there, via a surrogate loss ``sum_p <p, g_p>`` (ZeRO-3 and FSDP are refused).
-- ``log``: adds ``epsilon`` to every log (training logs and final metrics).
-- ``_save_checkpoint`` / ``train(resume_from_checkpoint=...)``: the private DP state (accountant history, noise
-  generator, sampler seed) is kept next to each checkpoint, never inside it (:mod:`.checkpoint`).
+- ``log``: adds ``epsilon`` (the bound that holds for the batches in use) to every log.
+- ``_save_checkpoint`` / ``train(resume_from_checkpoint=...)``: the private DP state (accountant, noise generator,
+  sampler seed) is kept next to each checkpoint, never inside it; resuming draws fresh secrets (:mod:`.checkpoint`).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import os
-import warnings
 from typing import Any
 
 import torch
@@ -36,14 +36,16 @@ from transformers import Trainer, TrainerCallback
 
 from hf_svd_plugins.distributed import world_size
 from hf_svd_plugins.dp.accounting import PrivacyAccountant, calibrate_noise_multiplier
+from hf_svd_plugins.dp.arguments import private_arguments
+from hf_svd_plugins.dp.budget import EpochKey, PrivacyBudget
 from hf_svd_plugins.dp.checkpoint import (
     LEGACY_STATE_NAME,
-    STATE_VERSION,
+    dp_state_dict,
     prune_private_states,
-    read_private_state,
-    refuse_noise_replay,
+    resume_private_state,
     warn_if_checkpoints_pushed,
     write_private_state,
+    write_release_log,
 )
 from hf_svd_plugins.dp.checks import (
     check_buffers_unchanged,
@@ -59,7 +61,7 @@ from hf_svd_plugins.dp.clipping import clip_and_sum
 from hf_svd_plugins.dp.config import DPConfig
 from hf_svd_plugins.dp.engine import PerExampleGradients
 from hf_svd_plugins.dp.per_sample import trainable_parameters
-from hf_svd_plugins.dp.plan import planned_steps, steps_per_epoch, warn_shuffled_batches
+from hf_svd_plugins.dp.plan import accounted_plan, planned_steps, steps_per_epoch, warn_shuffled_batches
 from hf_svd_plugins.dp.release import NoisyRelease
 from hf_svd_plugins.dp.sampling import is_empty_batch, poisson_dataloader
 from hf_svd_plugins.dp.seeds import derived_seed, secret_seed, shared_seed
@@ -72,7 +74,7 @@ DP_STATE_NAME = LEGACY_STATE_NAME
 
 
 class _DPCallback(TrainerCallback):
-    """Checks at train begin, budget check at every step start, noise injection before the optimizer step."""
+    """Checks at train begin and every step start (budget, callbacks), noise injection before the optimizer step."""
 
     def __init__(self, trainer: DPMixin) -> None:
         self.trainer = trainer
@@ -85,11 +87,20 @@ class _DPCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         t = self.trainer
-        if t._dp_steps_left is not None and t._dp_steps_left <= 0:
+        # also those added by other callbacks (in a distributed run raised on every rank at the release)
+        t._dp_guarded(check_callbacks, t.callback_handler.callbacks, t.train_dataset)
+        if not t._dp_budget.allows(t._dp_epoch_key()):
             t._dp_stop_for_budget(control)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._dp_finalize_step()
+
+
+def _activation_checkpointing(args, model: nn.Module) -> bool:
+    if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
+        return True
+    flag = getattr(model, "is_activation_checkpointing", None)  # the deprecated name only for older models
+    return bool(flag if flag is not None else getattr(model, "is_gradient_checkpointing", False))
 
 
 class DPMixin:
@@ -116,8 +127,14 @@ class DPMixin:
         if not isinstance(dp_config, DPConfig):
             raise TypeError(f"dp_config must be a DPConfig, got {type(dp_config).__name__}")
         self.dp_config = dataclasses.replace(dp_config)  # validated copy: later edits of the user's object do nothing
+        # DP changes max_grad_norm (and DeepSpeed's clipping): on a copy, before the Trainer reads them
+        if kwargs.get("args") is not None:
+            kwargs["args"] = private_arguments(kwargs["args"], self.dp_config.max_grad_norm)
+        elif len(args) > 1 and args[1] is not None:
+            args = (args[0], private_arguments(args[1], self.dp_config.max_grad_norm), *args[2:])
         super().__init__(*args, **kwargs)
-        self.args = copy.copy(self.args)  # DP changes max_grad_norm; the user's TrainingArguments stay as given
+        if self.args.max_grad_norm:  # the Trainer built default arguments itself
+            self.args = private_arguments(self.args, self.dp_config.max_grad_norm)
         self._dp_setup()
 
     # ------------------------------------------------------------------------------------------------------ setup
@@ -125,15 +142,6 @@ class DPMixin:
     def _dp_setup(self) -> None:
         cfg, args = self.dp_config, self.args
         check_trainer_features(self, cfg)
-        if args.max_grad_norm and args.max_grad_norm > 0:
-            warnings.warn(
-                f"TrainingArguments.max_grad_norm={args.max_grad_norm} is disabled under DP (batch-level clipping after "
-                "the noise would break the guarantee); per-example clipping uses DPConfig.max_grad_norm="
-                f"{cfg.max_grad_norm}",
-                UserWarning,
-                stacklevel=3,
-            )
-            args.max_grad_norm = 0.0
         model = unwrap_model(self.model)
         params = trainable_parameters(model)
         if not params:
@@ -141,12 +149,9 @@ class DPMixin:
                 "the model has no trainable parameters; add a LoRA adapter (peft.get_peft_model) or unfreeze some"
             )
         check_no_batch_statistics(model)
-        checkpointing = bool(
-            getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False)
-            or getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False))
-        )
+        checkpointing = _activation_checkpointing(args, model)
         check_per_sample_method(model, cfg, checkpointing)
-        check_callbacks(self.callback_handler.callbacks)
+        check_callbacks(self.callback_handler.callbacks, self.train_dataset)
         warn_if_checkpoints_pushed(args)
         self._dp_param_names = list(params)
         self._dp_param_cache: tuple[nn.Module, dict[str, nn.Parameter]] | None = None
@@ -164,19 +169,22 @@ class DPMixin:
         self.sample_rate = self.expected_batch_size / n
         self.dp_steps_per_epoch = steps_per_epoch(args, cfg, n, self.expected_batch_size)
         self.planned_steps = planned_steps(args, cfg, self.dp_steps_per_epoch)
+        # shuffled batches: calibrated and checked against the bound that holds (no amplification)
+        rate, releases = accounted_plan(cfg, self.sample_rate, self.planned_steps, self.dp_steps_per_epoch)
         if cfg.noise_multiplier is not None:
             self.noise_multiplier = float(cfg.noise_multiplier)
         else:
             self.noise_multiplier = calibrate_noise_multiplier(
-                cfg.target_epsilon, self.target_delta, self.sample_rate, self.planned_steps, cfg.accountant,
-                cfg.epsilon_tolerance, cfg.eps_error,
+                cfg.target_epsilon, self.target_delta, rate, releases, cfg.accountant, cfg.epsilon_tolerance,
+                cfg.eps_error,
             )
         self.accountant = PrivacyAccountant(cfg.accountant, cfg.eps_error)
+        self._dp_budget = PrivacyBudget(self.accountant, self.target_delta, cfg.poisson_sampling,
+                                        self.dp_steps_per_epoch)
         limit = cfg.epsilon_limit
         if limit is not None and cfg.noise_multiplier is not None:
-            planned = self.accountant.epsilon_after(
-                self.target_delta, self.noise_multiplier, self.sample_rate, self.planned_steps
-            )
+            planned = self.accountant.epsilon_after(self.target_delta, self.noise_multiplier, rate, releases,
+                                                    amplified=cfg.poisson_sampling)
             if planned > limit:
                 raise ValueError(
                     f"the planned {self.planned_steps} steps at noise_multiplier={self.noise_multiplier} and "
@@ -184,21 +192,21 @@ class DPMixin:
                     "noise_multiplier, train fewer steps, or give target_epsilon instead to calibrate sigma"
                 )
         if not cfg.poisson_sampling:
-            warn_shuffled_batches(cfg, self.noise_multiplier, self.planned_steps, self.dp_steps_per_epoch,
-                                  self.target_delta)
+            warn_shuffled_batches(cfg, self.noise_multiplier, self.sample_rate, self.planned_steps,
+                                  self.dp_steps_per_epoch, self.target_delta)
         # every rank adds the same noise to the same all-reduced sum, and takes its share of the same Poisson sample
         self._dp_release = NoisyRelease(self.noise_multiplier, cfg.max_grad_norm, self.expected_batch_size,
                                         shared_seed(cfg.noise_seed, "noise_seed"))
-        self._dp_lineage = secret_seed()  # identifies this noise stream among the run's saved states
+        self._dp_lineage = secret_seed()  # identifies this run's releases among the saved states
         self._dp_noise_draws = 0
         self._dp_sampler_seed = shared_seed(cfg.sampler_seed, "sampler_seed")
         self._dp_train_calls = 0
         self._dp_engine = PerExampleGradients(cfg, checkpointing, self.is_deepspeed_enabled,
-                                              getattr(args, "label_smoothing_factor", 0.0))
+                                              getattr(args, "label_smoothing_factor", 0.0),
+                                              low_precision=bool(getattr(args, "bf16", False)))
         self._dp_method_used: str | None = None
         self._dp_buffers: dict[str, torch.Tensor] = {}
         self._dp_last_finalized_step = -1
-        self._dp_steps_left: int | None = None
         self.callback_handler.callbacks.insert(0, _DPCallback(self))
         logger.info(
             "DP-SGD: C=%s sigma=%.4f q=%.5g delta=%.3g expected batch=%d planned steps=%d accountant=%s",
@@ -206,11 +214,23 @@ class DPMixin:
             self.planned_steps, cfg.accountant,
         )
 
+    def add_callback(self, callback) -> None:
+        """``Trainer.add_callback``, refusing at once a callback that would read the private training batches."""
+        super().add_callback(callback)
+        if getattr(self, "_dp_budget", None) is None:  # the Trainer's own callbacks, during construction
+            return
+        try:
+            check_callbacks(self.callback_handler.callbacks, self.train_dataset)
+        except ValueError:
+            self.callback_handler.remove_callback(callback)
+            raise
+
     # ---------------------------------------------------------------------------------------------------- public
 
     def get_epsilon(self, delta: float | None = None) -> float:
-        """Epsilon spent so far (all steps, including those before a resume) at ``delta`` (default: the config's)."""
-        return self.accountant.get_epsilon(self.target_delta if delta is None else delta)
+        """Epsilon spent so far (all steps, including those before a resume) at ``delta`` (default: the config's):
+        for Poisson batches the amplified bound, for shuffled batches the bound without amplification."""
+        return self._dp_budget.epsilon(delta)
 
     @property
     def dp_method_used(self) -> str | None:
@@ -255,6 +275,11 @@ class DPMixin:
             inputs = {name: empty, "attention_mask": empty}
         return super()._track_num_input_tokens(inputs)
 
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """0: the Trainer's count (``total_flos`` in ``trainer_state.json``) is the number of tokens of the batches
+        actually drawn, a function of the secret Poisson sample."""
+        return 0
+
     # ---------------------------------------------------------------------------------------------- per-example
 
     def _dp_params(self, module: nn.Module) -> dict[str, nn.Parameter]:
@@ -292,7 +317,7 @@ class DPMixin:
 
     def _dp_accumulate(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         device = self.args.device
-        if (is_empty_batch(inputs) or (self._dp_steps_left is not None and self._dp_steps_left <= 0)
+        if (is_empty_batch(inputs) or not self._dp_budget.allows(self._dp_epoch_key())
                 or self._dp_release.failure is not None):
             return torch.zeros((), device=device)
         model.train()
@@ -309,7 +334,7 @@ class DPMixin:
         module = unwrap_model(self.model)
         params = self._dp_params(module)
         engine = self._dp_engine
-        inputs = engine.prepare(module, inputs)
+        inputs = engine.prepare(module, params, inputs)
         targets = inputs.get("shift_labels", inputs.get("labels"))
         batch = int(targets.shape[0])
         chunk = self.dp_config.max_physical_batch_size or batch
@@ -324,14 +349,20 @@ class DPMixin:
         self._dp_method_used = engine.method
         return total_loss
 
+    def _dp_check_step(self, module: nn.Module, private: dict[str, nn.Parameter]) -> None:
+        """Before a release: what is trained is the privatised set, no buffer changed, no callback reads the
+        private batches (failures recorded for every rank in a distributed run)."""
+        self._dp_guarded(check_only_private_parameters, module, private, self.optimizer, self.is_deepspeed_enabled)
+        self._dp_guarded(check_buffers_unchanged, module, self._dp_buffers)
+        self._dp_guarded(check_callbacks, self.callback_handler.callbacks, self.train_dataset)
+
     def _dp_deepspeed_release(self) -> None:
         """DeepSpeed steps inside ``accelerator.backward`` of the last micro-batch: release the private gradient
         there, through a surrogate loss ``sum_p <p, g_p>`` whose gradient is exactly ``g`` (identical on every rank,
         so DeepSpeed's data-parallel averaging keeps it unchanged)."""
         module = unwrap_model(self.model)
         private = self._dp_params(module)
-        self._dp_guarded(check_only_private_parameters, module, private, self.optimizer, True)
-        self._dp_guarded(check_buffers_unchanged, module, self._dp_buffers)
+        self._dp_check_step(module, private)
         params = list(private.values())
         released = self._dp_release_gradient(params)
         if released is None:
@@ -356,8 +387,7 @@ class DPMixin:
             return
         module = unwrap_model(self.model)
         private = self._dp_params(module)
-        self._dp_guarded(check_only_private_parameters, module, private, self.optimizer)
-        self._dp_guarded(check_buffers_unchanged, module, self._dp_buffers)
+        self._dp_check_step(module, private)
         params = list(private.values())
         released = self._dp_release_gradient(params)
         if released is None:
@@ -367,6 +397,10 @@ class DPMixin:
         for p, g in zip(params, released, strict=True):
             p.grad = g.to(dtype=p.dtype, device=p.device)
 
+    def _dp_epoch_key(self) -> EpochKey:
+        """The epoch of the step about to be taken (shuffled batches: one participation per epoch)."""
+        return self._dp_budget.epoch_key(self._dp_train_calls, self.state.global_step)
+
     @torch.no_grad()
     def _dp_release_gradient(self, params: list[nn.Parameter]) -> list[torch.Tensor] | None:
         """Sum the accumulators over ranks, add noise once, divide by the expected batch; record the step.
@@ -374,7 +408,8 @@ class DPMixin:
         Returns None (and stops training) when the step would exceed the hard budget.
         """
         self._dp_last_finalized_step = self.state.global_step
-        if self._dp_steps_left is not None and self._dp_steps_left <= 0:
+        key = self._dp_epoch_key()
+        if not self._dp_budget.allows(key):
             self._dp_release.discard()
             if self._dp_release.failure is not None:  # no rank runs a collective here: raise locally
                 raise self._dp_release.failure
@@ -382,9 +417,11 @@ class DPMixin:
             return None
         released = self._dp_release.release(params)
         self._dp_noise_draws += 1
-        self.accountant.step(self.noise_multiplier, self.sample_rate)
-        if self._dp_steps_left is not None:
-            self._dp_steps_left -= 1
+        self._dp_budget.record(self.noise_multiplier, self.sample_rate, key)
+        if self.args.should_save and str(getattr(self.args.save_strategy, "value", self.args.save_strategy)) != "no":
+            # what this run has released, for a resume from an older checkpoint or after a crash
+            write_release_log(self._get_output_dir(trial=None), self._dp_lineage, self._dp_noise_draws,
+                              self.accountant.state_dict())
         return released
 
     def _dp_stop_for_budget(self, control) -> None:
@@ -396,25 +433,19 @@ class DPMixin:
         control.should_training_stop = True
 
     def _dp_on_train_begin(self, optimizer) -> None:
-        check_callbacks(self.callback_handler.callbacks)  # also those added after construction
+        check_callbacks(self.callback_handler.callbacks, self.train_dataset)  # also those added after construction
         self._dp_release.discard()
         self._dp_last_finalized_step = -1
         module = unwrap_model(self.model)
         check_only_private_parameters(module, self._dp_params(module), optimizer, self.is_deepspeed_enabled)
         self._dp_buffers = saved_float_buffers(module)
-        limit = self.dp_config.epsilon_limit
-        if limit is None:
-            self._dp_steps_left = None
-            return
-        remaining = max(0, self.state.max_steps - self.state.global_step)
-        # A small slack for the calibration tolerance: sigma was chosen so the full plan meets target_epsilon.
-        self._dp_steps_left = self.accountant.max_extra_steps(
-            limit * (1 + 1e-9), self.target_delta, self.noise_multiplier, self.sample_rate, upper=remaining
-        )
-        if self._dp_steps_left < remaining:
+        budget = self._dp_budget
+        needed = budget.releases_needed(self._dp_train_calls, self.state.global_step, self.state.max_steps)
+        allowed = budget.start(self.dp_config.epsilon_limit, self.noise_multiplier, self.sample_rate, needed)
+        if allowed is not None and allowed < needed:
             logger.warning(
-                "DP: only %d of the %d remaining steps fit in max_epsilon=%s; training will stop early",
-                self._dp_steps_left, remaining, limit,
+                "DP: only %d of the %d remaining %s fit in max_epsilon=%s; training will stop early", allowed, needed,
+                "steps" if budget.poisson else "epochs", self.dp_config.epsilon_limit,
             )
 
     # ------------------------------------------------------------------------------------------------ logging
@@ -426,78 +457,37 @@ class DPMixin:
 
     # -------------------------------------------------------------------------------------------- checkpoints
 
-    def dp_state_dict(self) -> dict:
-        """Everything DP needs to resume: accountant history, noise RNG, sampler seed (secret), sigma, q, delta."""
-        return {
-            "version": STATE_VERSION,
-            "lineage": self._dp_lineage,
-            "noise_draws": self._dp_noise_draws,
-            "accountant": self.accountant.state_dict(),
-            "noise_generator": self._dp_release.generator.get_state(),
-            "noise_multiplier": self.noise_multiplier,
-            "sample_rate": self.sample_rate,
-            "target_delta": self.target_delta,
-            "max_grad_norm": self.dp_config.max_grad_norm,
-            "expected_batch_size": self.expected_batch_size,
-            "sampler_seed": self._dp_sampler_seed,
-            "global_step": self.state.global_step,
-            "config": self.dp_config.to_dict(),
-        }
-
-    def load_dp_state_dict(self, state: dict) -> None:
-        self.accountant.load_state_dict(state["accountant"])
-        self._dp_release.generator.set_state(state["noise_generator"])
-        self._dp_sampler_seed = int(state["sampler_seed"])
-        self._dp_lineage = state.get("lineage", self._dp_lineage)
-        self._dp_noise_draws = int(state.get("noise_draws", self.accountant.steps))
-        if state["sample_rate"] != self.sample_rate or state["noise_multiplier"] != self.noise_multiplier:
-            if self.dp_config.target_epsilon is not None:
-                # sigma was calibrated for the original plan; keep it so the plan's guarantee still holds
-                self.noise_multiplier = self._dp_release.noise_multiplier = float(state["noise_multiplier"])
-            warnings.warn(
-                f"DP: resuming with sample_rate={self.sample_rate:.4g}, sigma={self.noise_multiplier:.4g} (checkpoint: "
-                f"{state['sample_rate']:.4g}, {state['noise_multiplier']:.4g}); the accountant composes both",
-                UserWarning,
-                stacklevel=2,
-            )
-
     def _save_checkpoint(self, model, trial) -> None:
+        check_callbacks(self.callback_handler.callbacks, self.train_dataset)  # nothing they wrote gets saved
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
             run_dir = self._get_output_dir(trial=trial)
             folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            write_private_state(self.dp_state_dict(), folder)
+            write_private_state(dp_state_dict(self), folder)
             prune_private_states(run_dir)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
-        check_callbacks(self.callback_handler.callbacks)
+        check_callbacks(self.callback_handler.callbacks, self.train_dataset)
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             from transformers.trainer_utils import get_last_checkpoint
 
             checkpoint = get_last_checkpoint(self.args.output_dir)
         if isinstance(checkpoint, str):
-            state, _ = read_private_state(checkpoint)
-            refuse_noise_replay(checkpoint, state)
-            self.load_dp_state_dict(state)
+            resume_private_state(self, checkpoint)
         elif self._dp_train_calls > 0:
             # a new run on the same data: a new Poisson sample, or the accountant would compose replayed batches
             # as if they were independent
             explicit = self.dp_config.sampler_seed
             self._dp_sampler_seed = secret_seed() if explicit is None else derived_seed(explicit, self._dp_train_calls)
         self._dp_train_calls += 1
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:  # also after an exception or KeyboardInterrupt: no Opacus hooks are left on the user's model
+            self._dp_engine.release_hooks()
 
 
 class DPTrainer(DPMixin, Trainer):
     """``transformers.Trainer`` with DP-SGD. ``DPTrainer(model=..., args=..., train_dataset=..., dp_config=...)``."""
-
-
-def __getattr__(name: str):
-    if name == "DPSFTTrainer":
-        from hf_svd_plugins.dp.sft import get_dp_sft_trainer_class
-
-        return get_dp_sft_trainer_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
