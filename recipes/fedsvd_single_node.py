@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from hf_svd_plugins import recipe_args as common
 
-SUPPORTED = ("single", "cpu_ddp_2proc", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload")
+SUPPORTED = ("single", "cpu_ddp_2proc", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload", "fsdp")
 
 
 def parse_args(argv: list[str] | None = None):

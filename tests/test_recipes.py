@@ -103,8 +103,7 @@ def test_launch_config_from_what_accelerate_exports(env, config):
         ("dp_finetune", {**DEEPSPEED, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "deepspeed_zero3"),
         ("dp_finetune", {"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, "fsdp"),
         ("federated_fedsvd", {"WORLD_SIZE": "2"}, "cpu_ddp_2proc"),
-        ("fedsvd_single_node", {"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, "fsdp"),
-        ("sft_eva", {"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, "fsdp"),
+        ("federated_fedsvd", {"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, "fsdp"),
         ("flower_fedsvd", {"WORLD_SIZE": "2"}, "cpu_ddp_2proc"),
     ],
 )
