@@ -173,7 +173,8 @@ def test_eva_init_resizes_and_saves_a_standard_adapter(tmp_path):
 
 def test_rank_zero_modules_lose_their_adapter_and_still_load(tmp_path):
     """Real activations rarely starve a module on tiny models, so the decision is edited to force r_m = 0."""
-    from hf_svd_plugins.eva.model import apply_resized, eva_pairs
+    from hf_svd_plugins.eva.allocation import eva_pairs
+    from hf_svd_plugins.eva.layout import apply_resized
 
     batches = tiny_batches(4, kind="lm")
     model = tiny_lora_model("llama", r=4, spectral_decay=0.5)
