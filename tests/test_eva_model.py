@@ -203,6 +203,9 @@ def test_rank_zero_modules_lose_their_adapter_and_still_load(tmp_path):
         ({"tau": 1.5}, "tau must be in"),
         ({"max_batches": 0}, "max_batches"),
         ({"min_batches": 5, "max_batches": 3}, "exceeds max_batches"),
+        ({"statistics": "approximate"}, "statistics must be one of"),
+        ({"sketch_factor": 1.5}, "sketch_factor must be a number >= 2"),
+        ({"product_dtype": "bfloat16"}, "product_dtype must be"),
     ],
 )
 def test_bad_settings_fail_before_any_work(kwargs, message):

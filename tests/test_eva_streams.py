@@ -10,7 +10,7 @@ from test_eva_model import independent_activations
 from tiny import TARGETS, tiny_batches, tiny_lora_model, tiny_model
 
 from hf_svd_plugins.eva import EvaConfig, compute_eva
-from hf_svd_plugins.eva.collection import eva_forward_kwargs
+from hf_svd_plugins.eva.batches import eva_forward_kwargs
 
 DECAY = 0.7
 
@@ -162,3 +162,67 @@ def test_offloaded_lora_targets_are_refused_before_any_forward(tmp_path):
                   "model.rotary_emb": "cpu", "lm_head": "cpu"}
     with pytest.raises(ValueError, match="offloaded.*model.layers.1.self_attn.q_proj"):
         quiet_eva(_offloaded(tmp_path, device_map), tiny_batches(2))
+
+
+class SharedInputs(torch.nn.Module):
+    """``a`` and ``b`` read one tensor; ``c`` reads the same object after an in-place change, twice per forward."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.emb = torch.nn.Embedding(97, 16)
+        self.a, self.b, self.c = (torch.nn.Linear(16, 16) for _ in range(3))
+        with torch.no_grad():
+            self.emb.weight.copy_(torch.randn(97, 16, generator=gen) * torch.logspace(0, -2, 16))
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        x = self.emb(input_ids)
+        out = self.a(x) + self.b(x)
+        x.mul_(-1.0).add_(torch.sin(3 * x))  # same object, other values: c must not share a/b's statistics
+        return out + self.c(x) + self.c(x)
+
+
+def test_grouping_needs_the_same_unmodified_tensor_and_repeated_calls_all_count():
+    from peft import LoraConfig, get_peft_model
+
+    from hf_svd_plugins.eva.allocation import eva_pairs
+    from hf_svd_plugins.eva.collection import collect
+
+    model = get_peft_model(SharedInputs(), LoraConfig(r=2, lora_alpha=4, target_modules=["a", "b", "c"]))
+    batches = tiny_batches(3)
+    config = EvaConfig(rho=2.0, tau=1.0, min_batches=3, max_batches=3, product_dtype="float64",
+                       show_progress_bar=False)
+    pairs = eva_pairs(model, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = collect(model, batches, config, pairs, {p.name: 4 for p in pairs}, budget=6)
+    assert found.members == {"a": ["a", "b"], "c": ["c"]}
+    rows = []
+    with torch.no_grad():
+        for batch in batches:
+            x = model.get_base_model().emb(batch["input_ids"])
+            x = -x + torch.sin(-3 * x)
+            rows.append(x[batch["attention_mask"].bool() & (batch["labels"] != -100)].double().numpy())
+    x = np.concatenate(rows * 2)  # c runs twice per forward: each call's rows count
+    _, s, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    comps = found.components["c"]
+    np.testing.assert_allclose(comps.singular_values.numpy(), s[:4], rtol=1e-8)
+    assert np.abs(np.sum(comps.vectors.numpy() * vt[:4], axis=1)).min() > 1 - 1e-8
+
+
+@pytest.mark.parametrize("kind, route", [("exact", "all_reduce_statistics"), ("exact", "all_gather_rows"),
+                                         ("sketch", "all_gather_rows"), ("sketch", "all_gather_sketches")])
+def test_a_ranks_contribution_accumulates_over_calls_within_one_forward(kind, route):
+    """Under data parallelism a layer called twice per forward adds both calls' rows to the pending contribution
+    (one process here: the collectives are identities, so combining must equal adding all rows at once)."""
+    from hf_svd_plugins.eva.collection import _ExactStream, _SketchStream
+
+    config = EvaConfig(product_dtype="float64")
+    make = (lambda: _ExactStream(12, config, route, torch.device("cpu"))) if kind == "exact" else (
+        lambda: _SketchStream(12, 12, config, route, torch.device("cpu")))
+    first, second = torch.randn(20, 12, dtype=torch.float64), torch.randn(30, 12, dtype=torch.float64) + 1
+    pending, direct = make(), make()
+    assert pending.combine(pending.local_part(second, pending.local_part(first))) == 50
+    direct.add_rows(torch.cat([first, second]))
+    a, b = pending.components(4, None, final=True), direct.components(4, None, final=True)
+    torch.testing.assert_close(a.singular_values, b.singular_values, rtol=1e-9, atol=1e-12)

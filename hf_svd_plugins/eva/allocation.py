@@ -38,6 +38,8 @@ class EvaResult:
         statistics: ``{module: "exact" | "sketch"}``, what its input stream kept.
         variance_bounds: ``{module: b}`` with ``b`` a guaranteed lower bound on the share of the optimal
             ``r_m``-dimensional subspace's variance (over the rows read) that its A rows capture; 1 for exact.
+        communication: ``{module: how its input's statistics crossed ranks}`` under data parallelism
+            (``all_reduce_statistics``, ``all_gather_rows`` or ``all_gather_sketches``); empty in one process.
     """
 
     ranks: dict[str, int]
@@ -49,6 +51,7 @@ class EvaResult:
     seconds: float
     statistics: dict[str, str] = field(default_factory=dict)
     variance_bounds: dict[str, float] = field(default_factory=dict, repr=False)
+    communication: dict[str, str] = field(default_factory=dict, repr=False)
 
     def log_metrics(self) -> dict[str, float]:
         """Flat numbers for the Trainer's log (TensorBoard/W&B): per-module ranks and totals."""
@@ -147,6 +150,7 @@ def compute_eva(
         seconds=time.perf_counter() - start,
         statistics={m: estimates.kinds[stream_of[m]] for m in ranks},
         variance_bounds=bounds,
+        communication={m: estimates.routes[stream_of[m]] for m in ranks if stream_of[m] in estimates.routes},
     )
 
 

@@ -16,7 +16,6 @@ takes the same decisions; rank 0's stop decisions are broadcast so all ranks run
 
 from __future__ import annotations
 
-import inspect
 import weakref
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
@@ -35,6 +34,16 @@ from hf_svd_plugins.distributed import (
     process_rank,
     world_size,
 )
+from hf_svd_plugins.eva.batches import (
+    as_mapping,
+    cycle_batches,
+    eva_forward_kwargs,
+    execution_device,
+    global_token_counts,
+    move_batch,
+    select_rows,
+    token_mask,
+)
 from hf_svd_plugins.eva.config import EvaConfig
 from hf_svd_plugins.eva.core import (
     ActivationStats,
@@ -47,74 +56,6 @@ from hf_svd_plugins.eva.sketch import FrequentDirections, exact_bytes, sketch_by
 from hf_svd_plugins.lora import LoraPair
 
 REDUCE, GATHER_ROWS, GATHER_SKETCH = "all_reduce_statistics", "all_gather_rows", "all_gather_sketches"
-
-
-# ------------------------------------------------------------------------------------------------ batches
-
-
-def token_mask(batch: Mapping, config: EvaConfig) -> torch.Tensor | None:
-    """``(batch, seq)`` bool mask of tokens whose activations count: not padding, and (optionally) not label-masked."""
-    ids = batch.get("input_ids")
-    mask = batch.get("attention_mask")
-    if mask is None and ids is None:
-        return None
-    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    labels = batch.get("labels")
-    if config.use_label_mask and isinstance(labels, torch.Tensor) and labels.shape == mask.shape:
-        mask = mask & (labels != config.label_mask_value)
-    return mask
-
-
-def select_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Rows ``(n, d)`` of a layer input ``x (..., d)``: masked tokens if ``x`` is per token, all rows otherwise."""
-    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
-        return x[mask.to(x.device)]
-    return x.reshape(-1, x.shape[-1])
-
-
-def _accepted(forward, name: str) -> bool:
-    return name in inspect.signature(forward).parameters
-
-
-def eva_forward_kwargs(model: nn.Module, batch: Mapping) -> dict:
-    """``batch`` as keyword arguments for EVA's forward: only what the model's ``forward`` accepts, no ``labels``
-    (EVA needs the layer inputs, not a loss; encoder-decoders keep them to build decoder inputs), and where the base
-    model accepts them ``use_cache=False`` and ``logits_to_keep=1``, so no KV cache and no ``(tokens x vocab)``
-    logits are ever materialised."""
-    params = inspect.signature(model.forward).parameters
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in batch.items() if accepts_any or k in params}
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not getattr(getattr(base, "config", None), "is_encoder_decoder", False):
-        kwargs.pop("labels", None)
-    for name, value in (("use_cache", False), ("logits_to_keep", 1)):
-        if _accepted(base.forward, name) and name not in kwargs:
-            kwargs[name] = value
-    return kwargs
-
-
-def as_mapping(batch: object) -> Mapping:
-    if isinstance(batch, Mapping):
-        return batch
-    if hasattr(batch, "keys") and hasattr(batch, "__getitem__"):  # BatchEncoding, UserDict
-        return {k: batch[k] for k in batch.keys()}
-    raise TypeError(
-        f"EVA needs dict-like batches (input_ids, attention_mask, labels ...), got {type(batch).__name__}; "
-        "use a collator that returns a dict or a BatchEncoding"
-    )
-
-
-def execution_device(model: nn.Module) -> torch.device | None:
-    """Where batches go, as PEFT's EVA decides: the one device of the model's non-meta parameters (an offloaded base
-    keeps some on ``meta``), or None when they span several devices (accelerate's hooks then place the inputs)."""
-    devices = {p.device for p in model.parameters() if p.device.type != "meta"}
-    return next(iter(devices)) if len(devices) == 1 else None
-
-
-def _move(batch: Mapping, device: torch.device | None) -> dict:
-    if device is None:
-        return dict(batch)
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 # ------------------------------------------------------------------------------------------------ streams
@@ -136,8 +77,13 @@ class _ExactStream:
         self.stats.add_(ActivationStats.of(rows, self.product_dtype))
         return rows.shape[0]
 
-    def local_part(self, rows: torch.Tensor) -> object:
-        return rows.to(self.product_dtype) if self.route == GATHER_ROWS else ActivationStats.of(rows, self.product_dtype)
+    def local_part(self, rows: torch.Tensor, part: object | None = None) -> object:
+        """This rank's batch contribution, ``rows`` added to ``part`` (a layer called twice in one forward)."""
+        if self.route == GATHER_ROWS:
+            rows = rows.to(self.product_dtype)
+            return rows if part is None else torch.cat([part, rows])
+        stats = ActivationStats.of(rows, self.product_dtype)
+        return stats if part is None else part.add_(stats)
 
     def empty_part(self) -> object:
         dim = self.stats.total.shape[0]
@@ -182,10 +128,14 @@ class _SketchStream:
         self.sketch.update_(rows, self.center)
         return rows.shape[0]
 
-    def local_part(self, rows: torch.Tensor) -> object:
+    def local_part(self, rows: torch.Tensor, part: object | None = None) -> object:
+        """This rank's batch contribution, ``rows`` added to ``part`` (a layer called twice in one forward)."""
         if self.route == GATHER_ROWS:
-            return rows.to(self.sketch.rows.dtype)
-        return FrequentDirections.of(rows, self.capacity, self.center, self.sketch.rows.dtype)
+            rows = rows.to(self.sketch.rows.dtype)
+            return rows if part is None else torch.cat([part, rows])
+        if part is None:
+            return FrequentDirections.of(rows, self.capacity, self.center, self.sketch.rows.dtype)
+        return part.update_(rows, self.center)
 
     def empty_part(self) -> object:
         if self.route == GATHER_ROWS:
@@ -208,14 +158,21 @@ class _SketchStream:
         return self.sketch.components(k)
 
 
-def choose_route(kind: str, dim: int, capacity: int, rows_per_rank: int | None, n_ranks: int, row_bytes: int) -> str:
-    """How a stream's batch contribution crosses ranks: whichever of the candidates moves fewer bytes.
+def route_bytes(kind: str, dim: int, capacity: int, rows_per_rank: int | None, n_ranks: int,
+                row_bytes: int) -> dict[str, int]:
+    """Bytes each rank receives per batch for one stream, for every way its contribution may cross ranks.
 
-    ``rows_per_rank`` is the largest number of valid tokens a rank holds (None when unknown: never gather rows).
+    ``rows_per_rank`` is the largest number of valid tokens a rank holds (None when unknown: rows are not an option).
     """
     candidates = {REDUCE: exact_bytes(dim)} if kind == "exact" else {GATHER_SKETCH: n_ranks * sketch_bytes(dim, capacity)}
     if rows_per_rank is not None:
         candidates[GATHER_ROWS] = n_ranks * rows_per_rank * dim * row_bytes
+    return candidates
+
+
+def choose_route(kind: str, dim: int, capacity: int, rows_per_rank: int | None, n_ranks: int, row_bytes: int) -> str:
+    """How a stream's batch contribution crosses ranks: whichever candidate of :func:`route_bytes` is smallest."""
+    candidates = route_bytes(kind, dim, capacity, rows_per_rank, n_ranks, row_bytes)
     return min(candidates, key=candidates.get)
 
 
@@ -270,7 +227,7 @@ class _Collector:
         self.discovering = True
         self.rows_added: dict[str, int] = {}
         self.pending: dict[str, object] = {}
-        self._inputs_seen: list[tuple[weakref.ref, str]] = []
+        self._inputs_seen: list[tuple[weakref.ref, int, str]] = []  # (input, its version then, stream)
         self._handles = []
 
     def __enter__(self) -> _Collector:
@@ -330,21 +287,35 @@ class _Collector:
     def _hook(self, name: str, module: nn.Module, args: tuple, output: object) -> None:
         x = args[0] if isinstance(args, tuple) else args
         if self.discovering and name not in self.stream_of:
-            same = next((s for ref, s in self._inputs_seen if ref() is x), None)
+            # the same tensor object, not modified in place since: the same rows (a weak reference cannot be
+            # fooled by a freed tensor's id being reused)
+            same = next((s for ref, version, s in self._inputs_seen if ref() is x and x._version == version), None)
             if same is not None:
                 self._join(name, same)
                 return
             self._new_stream(name, x.device)
-            self._inputs_seen.append((weakref.ref(x), name))
+            self._inputs_seen.append((weakref.ref(x), x._version, name))
         stream = self.stream_of.get(name)
         if stream != name or stream not in self.active:
             return
         rows = select_rows(x, self.mask)
         statistic = self.streams[stream]
         if self.distributed:
-            self.pending[stream] = statistic.local_part(rows)
+            self.pending[stream] = statistic.local_part(rows, self.pending.get(stream))
         elif rows.shape[0]:
             self.rows_added[stream] = self.rows_added.get(stream, 0) + statistic.add_rows(rows)
+
+    def forward(self, model: nn.Module, batch: Mapping, rows_per_rank: int | None) -> None:
+        """One forward pass over ``batch``; afterwards ``rows_added[stream]`` says how many rows each stream took in
+        (over all ranks). ``rows_per_rank`` (the largest valid-token count of a rank) decides routes on the first."""
+        if self.discovering:
+            self.rows_per_rank = rows_per_rank
+        self.rows_added = {}
+        model(**eva_forward_kwargs(model, batch))
+        if self.discovering:
+            self.end_discovery()
+        if self.distributed:
+            self.combine_across_ranks()
 
     def combine_across_ranks(self) -> None:
         """Distributed runs: fold every active stream's batch contribution in, one stream at a time, fixed order."""
@@ -355,27 +326,41 @@ class _Collector:
         self.pending.clear()
 
 
-def _batches(dataloader: Iterable, max_batches: int) -> Iterable:
-    """Cycle over ``dataloader`` for at most ``max_batches`` used batches, refusing an empty or all-masked one."""
-    while True:
-        produced = used = 0
-        for batch in dataloader:
-            produced += 1
-            used += yield batch
-        if produced == 0:
-            raise ValueError("EVA's dataloader is empty; pass the training dataloader (or a non-empty one)")
-        if used == 0:
-            raise ValueError(
-                "EVA found no tokens to read: in every batch all tokens are padding or label-masked (labels == "
-                "label_mask_value); pass batches with unmasked tokens, or EvaConfig(use_label_mask=False)"
-            )
+class _Estimates:
+    """Each stream's current directions and those before its last update (what the stop rule compares)."""
 
+    def __init__(self, collector: _Collector, r_max: Mapping[str, int]):
+        self.collector, self.r_max = collector, r_max
+        self.components: dict[str, Components] = {}
+        self.previous: dict[str, torch.Tensor] = {}
 
-def _global_token_counts(mask: torch.Tensor | None) -> list[int] | None:
-    """Valid tokens per rank (None if the batch has no token mask, e.g. only ``inputs_embeds``)."""
-    local = torch.tensor([[-1 if mask is None else int(mask.sum())]], dtype=torch.int64)
-    counts = [int(c) for c in torch.cat(all_gather_rows(local)).flatten()]
-    return None if min(counts) < 0 else counts
+    def width(self, stream: str) -> int:
+        return max(self.r_max[m] for m in self.collector.members[stream])
+
+    def update(self, final: bool = False) -> None:
+        """Re-estimate the streams that received rows in this batch (every stream if ``final``)."""
+        streams = self.collector.streams if final else [s for s, n in self.collector.rows_added.items() if n]
+        for stream in streams:
+            previous = self.components.get(stream)
+            self.components[stream] = self.collector.streams[stream].components(self.width(stream), previous, final)
+            if previous is not None and not final:
+                self.previous[stream] = previous.vectors
+
+    def settled(self, ranks: Mapping[str, int], tau: float) -> set[str]:
+        """Streams whose needed span (top ``max r_m`` of its members) moved less than ``tau`` in its last update."""
+        members = self.collector.members
+        return {s for s in members if s in self.previous and subspace_similarity(
+            self.previous[s], self.components[s].vectors, max(ranks[m] for m in members[s])) >= tau}
+
+    def with_empty(self) -> dict[str, Components]:
+        """All streams' components; those without rows so far explain nothing."""
+        out = dict(self.components)
+        for stream in self.collector.members:
+            if stream not in out:
+                k, dim = self.width(stream), self.collector.pairs[stream].in_features
+                zeros = torch.zeros(k, dtype=torch.float64)
+                out[stream] = Components(torch.zeros(k, dim, dtype=torch.float64), zeros, zeros)
+        return out
 
 
 def collect(model: nn.Module, dataloader: Iterable, config: EvaConfig, pairs: list[LoraPair],
@@ -387,57 +372,35 @@ def collect(model: nn.Module, dataloader: Iterable, config: EvaConfig, pairs: li
     must call this together.
     """
     collector = _Collector(pairs, r_max, config)
+    estimates = _Estimates(collector, r_max)
     device = execution_device(model)
-    components: dict[str, Components] = {}
-    previous_vectors: dict[str, torch.Tensor] = {}
     converged: set[str] = set()
     batches_used = 0
-
     was_training = model.training
     model.eval()
     bar = tqdm(total=config.max_batches, desc="EVA", leave=False,
                disable=not (config.show_progress_bar and process_rank() == 0))
     disable_adapter = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
-    batches = _batches(dataloader, config.max_batches)
+    batches = cycle_batches(dataloader)
     try:
         batch = next(batches)
         with torch.no_grad(), disable_adapter, collector:
             while True:
-                batch = _move(as_mapping(batch), device)
+                batch = move_batch(as_mapping(batch), device)
                 collector.mask = token_mask(batch, config)
-                counts = _global_token_counts(collector.mask)
+                counts = global_token_counts(collector.mask)
                 if counts is not None and sum(counts) == 0:  # nothing to read on any rank: skip, do not count
                     batch = batches.send(0)
                     continue
-                if collector.discovering:
-                    collector.rows_per_rank = None if counts is None else max(counts)
-                collector.rows_added = {}
-                model(**eva_forward_kwargs(model, batch))
-                if collector.discovering:
-                    collector.end_discovery()
-                if collector.distributed:
-                    collector.combine_across_ranks()
+                collector.forward(model, batch, None if counts is None else max(counts))
                 batches_used += 1
-                for stream, added in collector.rows_added.items():
-                    if added == 0:
-                        continue
-                    k = max(r_max[m] for m in collector.members[stream])
-                    previous = components.get(stream)
-                    components[stream] = collector.streams[stream].components(k, previous, final=False)
-                    if previous is not None:
-                        previous_vectors[stream] = previous.vectors
-                ranks = module_ranks(_with_empty(components, collector, r_max), collector.members, r_max, budget)
-                converged = {
-                    s for s in collector.members
-                    if s in previous_vectors and subspace_similarity(
-                        previous_vectors[s], components[s].vectors,
-                        max(ranks[m] for m in collector.members[s])) >= config.tau
-                }
-                active = _same_on_every_rank(set(collector.members) - converged, collector.order)
-                collector.active = active
+                estimates.update()
+                ranks = module_ranks(estimates.with_empty(), collector.members, r_max, budget)
+                converged = estimates.settled(ranks, config.tau)
+                collector.active = _same_on_every_rank(set(collector.members) - converged, collector.order)
                 bar.update(1)
                 bar.set_postfix_str(f"{len(converged)}/{len(collector.members)} inputs converged")
-                if batches_used >= config.max_batches or (batches_used >= config.min_batches and not active):
+                if batches_used >= config.max_batches or (batches_used >= config.min_batches and not collector.active):
                     break
                 batch = batches.send(1)
     finally:
@@ -445,28 +408,13 @@ def collect(model: nn.Module, dataloader: Iterable, config: EvaConfig, pairs: li
         bar.close()
         model.train(was_training)
 
-    final = {}
-    for stream, statistic in collector.streams.items():
-        k = max(r_max[m] for m in collector.members[stream])
-        final[stream] = statistic.components(k, components.get(stream), final=True)
+    estimates.update(final=True)
     return StreamEstimates(
-        members=collector.members, components=final, converged=converged, batches_used=batches_used,
+        members=collector.members, components=estimates.components, converged=converged, batches_used=batches_used,
         kinds={s: st.kind for s, st in collector.streams.items()},
         shrinkage={s: st.shrinkage for s, st in collector.streams.items()},
         routes={s: st.route for s, st in collector.streams.items()} if collector.distributed else {},
     )
-
-
-def _with_empty(components: dict[str, Components], collector: _Collector, r_max: Mapping[str, int]) -> dict:
-    """Streams without rows so far count as explaining nothing."""
-    out = dict(components)
-    for stream in collector.members:
-        if stream not in out:
-            k = max(r_max[m] for m in collector.members[stream])
-            dim = collector.pairs[stream].in_features
-            zeros = torch.zeros(k, dtype=torch.float64)
-            out[stream] = Components(torch.zeros(k, dim, dtype=torch.float64), zeros, zeros)
-    return out
 
 
 def _same_on_every_rank(active: set[str], order: list[str]) -> set[str]:
