@@ -40,6 +40,8 @@ class EvaResult:
             ``r_m``-dimensional subspace's variance (over the rows read) that its A rows capture; 1 for exact.
         communication: ``{module: how its input's statistics crossed ranks}`` under data parallelism
             (``all_reduce_statistics``, ``all_gather_rows`` or ``all_gather_sketches``); empty in one process.
+        batches_read: ``{module: indices of the used batches its statistics took in}`` (an input stops collecting
+            once converged, and resumes if the rank it needs grows).
     """
 
     ranks: dict[str, int]
@@ -52,6 +54,7 @@ class EvaResult:
     statistics: dict[str, str] = field(default_factory=dict)
     variance_bounds: dict[str, float] = field(default_factory=dict, repr=False)
     communication: dict[str, str] = field(default_factory=dict, repr=False)
+    batches_read: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     def log_metrics(self) -> dict[str, float]:
         """Flat numbers for the Trainer's log (TensorBoard/W&B): per-module ranks and totals."""
@@ -151,6 +154,7 @@ def compute_eva(
         statistics={m: estimates.kinds[stream_of[m]] for m in ranks},
         variance_bounds=bounds,
         communication={m: estimates.routes[stream_of[m]] for m in ranks if stream_of[m] in estimates.routes},
+        batches_read={m: list(estimates.batches_read[stream_of[m]]) for m in ranks},
     )
 
 

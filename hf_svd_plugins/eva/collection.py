@@ -191,6 +191,7 @@ class StreamEstimates:
         kinds: ``{stream: "exact" | "sketch"}``.
         shrinkage: ``{stream: Delta}`` of its sketch (0 for exact statistics).
         routes: ``{stream: how batches crossed ranks}`` (only under data parallelism).
+        batches_read: ``{stream: indices of the used batches whose rows it took in}`` (it stops once converged).
     """
 
     members: dict[str, list[str]]
@@ -200,6 +201,7 @@ class StreamEstimates:
     kinds: dict[str, str] = field(default_factory=dict)
     shrinkage: dict[str, float] = field(default_factory=dict)
     routes: dict[str, str] = field(default_factory=dict)
+    batches_read: dict[str, list[int]] = field(default_factory=dict)
 
 
 def module_ranks(components: Mapping[str, Components], members: Mapping[str, list[str]], r_max: Mapping[str, int],
@@ -333,14 +335,17 @@ class _Estimates:
         self.collector, self.r_max = collector, r_max
         self.components: dict[str, Components] = {}
         self.previous: dict[str, torch.Tensor] = {}
+        self.batches_read: dict[str, list[int]] = {}
 
     def width(self, stream: str) -> int:
         return max(self.r_max[m] for m in self.collector.members[stream])
 
-    def update(self, final: bool = False) -> None:
-        """Re-estimate the streams that received rows in this batch (every stream if ``final``)."""
+    def update(self, batch_index: int = -1, final: bool = False) -> None:
+        """Re-estimate the streams that received rows in batch ``batch_index`` (every stream if ``final``)."""
         streams = self.collector.streams if final else [s for s, n in self.collector.rows_added.items() if n]
         for stream in streams:
+            if not final:
+                self.batches_read.setdefault(stream, []).append(batch_index)
             previous = self.components.get(stream)
             self.components[stream] = self.collector.streams[stream].components(self.width(stream), previous, final)
             if previous is not None and not final:
@@ -393,8 +398,8 @@ def collect(model: nn.Module, dataloader: Iterable, config: EvaConfig, pairs: li
                     batch = batches.send(0)
                     continue
                 collector.forward(model, batch, None if counts is None else max(counts))
+                estimates.update(batches_used)
                 batches_used += 1
-                estimates.update()
                 ranks = module_ranks(estimates.with_empty(), collector.members, r_max, budget)
                 converged = estimates.settled(ranks, config.tau)
                 collector.active = _same_on_every_rank(set(collector.members) - converged, collector.order)
@@ -414,6 +419,7 @@ def collect(model: nn.Module, dataloader: Iterable, config: EvaConfig, pairs: li
         kinds={s: st.kind for s, st in collector.streams.items()},
         shrinkage={s: st.shrinkage for s, st in collector.streams.items()},
         routes={s: st.route for s, st in collector.streams.items()} if collector.distributed else {},
+        batches_read={s: estimates.batches_read.get(s, []) for s in collector.members},
     )
 
 
