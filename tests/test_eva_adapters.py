@@ -3,6 +3,7 @@
 import copy
 import warnings
 
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tiny import TARGETS, TinyTokenDataset, pad_collate, tiny_batches, tiny_model
@@ -103,3 +104,28 @@ def test_a_rank_zero_module_of_one_adapter_keeps_the_other_adapter():
     model.set_adapter("default")
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, before)
+
+
+def test_rslora_scales_are_kept_and_saved_adapters_reproduce_them(tmp_path):
+    """With use_rslora the scale is alpha / sqrt(r): EVA keeps it (alpha_m = s sqrt(r_m)), PEFT's rebuilt layers
+    agree, and the saved adapter reloads to the same logits."""
+    import math
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS["llama"], lora_dropout=0.0, task_type="CAUSAL_LM",
+                        use_rslora=True)
+    model = get_peft_model(tiny_model("llama", spectral_decay=DECAY), config)
+    result = eva_init(model, tiny_batches(4), rho=2.0, max_batches=4, show_progress_bar=False)
+    for pair in find_lora_pairs(model):
+        r_m = result.ranks[pair.name]
+        assert result.scalings[pair.name] == pytest.approx(8 / math.sqrt(4))
+        assert result.alphas[pair.name] == pytest.approx(8 / math.sqrt(4) * math.sqrt(r_m))
+        assert pair.scaling == pytest.approx(result.scalings[pair.name])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(str(tmp_path))
+    loaded = PeftModel.from_pretrained(tiny_model("llama", spectral_decay=DECAY), str(tmp_path)).eval()
+    batch = tiny_batches(1, seed=3)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model.eval()(**batch).logits)
