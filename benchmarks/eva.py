@@ -324,8 +324,7 @@ def run_finetune(args: argparse.Namespace) -> None:
 
     print(f"\n## Fine-tuning MiniLM + LoRA r={args.r} on Rotten Tomatoes, {args.steps} steps, batch {args.batch_size}, "
           f"lr {args.lr}, seed {args.seed}")
-    results = [finetune_sentiment(init, args.steps, args.r, args.batch_size, args.lr, args.seed)
-               for init in ("default", "pissa", "eva")]
+    results = [finetune_sentiment(init, args.steps, args.r, args.batch_size, args.lr, args.seed) for init in args.inits]
     n = min(len(r.losses) for r in results)
     marks = sorted({0, n // 4, n // 2, (3 * n) // 4, n - 1})
     print("| init | " + " | ".join(f"loss @ step {10 * (i + 1)}" for i in marks)
@@ -357,6 +356,7 @@ def main() -> None:
     finetune.add_argument("--batch-size", type=int, default=16)
     finetune.add_argument("--lr", type=float, default=5e-4)
     finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--inits", nargs="+", default=["default", "pissa", "eva"], choices=["default", "pissa", "eva"])
     args = parser.parse_args()
     if args.part == "finetune":
         run_finetune(args)
