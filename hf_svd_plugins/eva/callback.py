@@ -1,4 +1,8 @@
-"""``EvaCallback``: EVA initialisation inside any Trainer (plain, TRL ``SFTTrainer``; ``DPTrainer`` on public data)."""
+"""``EvaCallback``: EVA initialisation inside a Trainer (plain ``Trainer``, TRL ``SFTTrainer``).
+
+``DPTrainer`` refuses EVA on its private training data (EVA's statistics are an un-noised function of it). Initialise
+on public data instead: ``EvaCallback(dataloader=public_loader)``, or ``eva_init`` before the ``DPTrainer`` exists.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ class EvaCallback(TrainerCallback, ExportableState):
     (``config.adapter_name``, or make it the active adapter).
 
     ``DPTrainer`` refuses an ``EvaCallback`` that reads its private training batches: EVA's statistics are an
-    un-noised function of them. Pass public data instead, ``EvaCallback(dataloader=public_loader)``.
+    un-noised function of them. Initialise on public data instead: ``EvaCallback(dataloader=public_loader)``, or
+    ``eva_init`` on the model before the ``DPTrainer`` exists.
 
     Args:
         config: an :class:`EvaConfig`; or give its fields as keyword arguments (``EvaCallback(rho=2.0, tau=0.99)``).
