@@ -22,6 +22,8 @@
     nice -n 10 python benchmarks/eva.py init --models wide smollm --repeats 2
     python benchmarks/eva.py init --estimate-7b
     python benchmarks/eva.py finetune --steps 150
+
+Fine-tuning over seeds (EVA rho 1/2, PEFT's EVA, default, PiSSA, OLoRA; MiniLM and SmolLM2): benchmarks/eva_seeds.py.
 """
 
 from __future__ import annotations
