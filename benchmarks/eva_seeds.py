@@ -105,7 +105,7 @@ def initialise(model, init: str, batches: list[dict]) -> dict:
                           show_progress_bar=False)
         ranks = list(result.ranks.values())
         return {"ranks_min": min(ranks), "ranks_max": max(ranks), "zero_rank_modules": ranks.count(0),
-                "batches_read": max(result.batches_read.values())}
+                "batches_read": max(len(v) for v in result.batches_read.values())}
     if init == "peft_eva":
         from peft import initialize_lora_eva_weights
 
