@@ -86,3 +86,53 @@ def test_smollm2_float32_copy_is_a_plain_model_the_trainer_trains(tmp_path, monk
     before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
     Trainer(model=model, args=args, train_dataset=data).train()
     assert not torch.equal(before, model.model.layers[0].mlp.down_proj.weight)
+
+
+def test_frozen_prefix_top_gives_the_full_models_logits_and_per_example_gradients():
+    """Training the top on prefix states must be training the full model: logits and per-example gradients of the
+    top (DP's vmap on padded, length-sorted states) equal the full model's, run on each example alone (loop)."""
+    from hf_svd_plugins.dp.per_sample import (
+        detect_mask_kind,
+        loop_per_sample_grads,
+        trainable_parameters,
+        vmap_per_sample_grads,
+    )
+    from hf_svd_plugins.examples import (
+        HiddenStateClassification,
+        LabelledText,
+        TokenizedClassification,
+        collate_hidden_states,
+        first_adapted_layer,
+        minilm_dp_lora_classifier,
+        minilm_frozen_prefix,
+    )
+
+    model, tok = minilm_dp_lora_classifier(r=2, target_modules=["query", "value"], lora_layers=2, head_init="random")
+    assert first_adapted_layer(model) == 4
+    with torch.no_grad():  # B = 0 at init would make every A gradient 0
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    prefix, top = minilm_frozen_prefix(model)
+    texts = ["an overlong, self-indulgent mess that nobody asked for", "dull", "a quietly devastating film"]
+    data = TokenizedClassification(LabelledText(texts, [0, 0, 1]), tok)
+    states = HiddenStateClassification(data, prefix)
+    assert states.order == [1, 2, 0]  # sorted by length
+    batch = collate_hidden_states([states[k] for k in range(3)])
+    model.train()
+    top.train()
+    assert detect_mask_kind(top, batch) == "bidirectional"
+    top_params, full_params = trainable_parameters(top), trainable_parameters(model)
+    assert len(top_params) == len(full_params) == 10
+    grads, _ = vmap_per_sample_grads(top, top_params, batch, "sequence", "bidirectional")
+    with torch.no_grad():
+        top_logits = top(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    for k, i in enumerate(states.order):
+        alone = {"input_ids": torch.tensor([data[i]["input_ids"]]),
+                 "attention_mask": torch.tensor([data[i]["attention_mask"]]), "labels": torch.tensor([data[i]["labels"]])}
+        reference, _ = loop_per_sample_grads(model, full_params, alone, "sequence")
+        with torch.no_grad():
+            np.testing.assert_allclose(top_logits[k].numpy(), model(**alone).logits[0].numpy(), atol=1e-5)
+        for (name, g), (full_name, ref) in zip(grads.items(), reference.items(), strict=True):
+            assert top_params[name] is full_params[full_name]  # the top shares the model's parameters
+            np.testing.assert_allclose(g[k].numpy(), ref[0].numpy(), atol=1e-5, rtol=1e-4)
