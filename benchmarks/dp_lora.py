@@ -259,6 +259,7 @@ def train_and_evaluate(run: Run, threads: int = 1) -> dict:
            "steps": trainer.state.global_step, "seconds": round(seconds, 1),
            "n_params": sum(p.numel() for p in top.parameters() if p.requires_grad),
            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "load": os.getloadavg()[0]}
+    out.update(parameter_norms(top))
     losses = [h["train_loss"] for h in trainer.state.log_history if "train_loss" in h]
     out["train_loss"] = losses[-1] if losses else None
     if private:
@@ -270,6 +271,21 @@ def train_and_evaluate(run: Run, threads: int = 1) -> dict:
             out["noise_to_signal_mean"] = statistics.mean(x["noise"] / max(x["signal"], 1e-12) for x in log)
             out["clipped_mean"] = statistics.mean(x["clipped"] for x in log)
     return out
+
+
+def parameter_norms(top) -> dict:
+    """How far training moved the model: the head's weight norm and the Frobenius norm of every LoRA update
+    ``s B A`` summed in quadrature (both start at 0 with a zero head)."""
+    import torch
+
+    head = [p for n, p in top.named_parameters() if p.requires_grad and _group_of(n) == "head" and p.dim() == 2]
+    delta_sq = 0.0
+    with torch.no_grad():
+        for module in top.modules():
+            if hasattr(module, "lora_A") and hasattr(module, "scaling") and "default" in getattr(module, "lora_A", {}):
+                delta = module.scaling["default"] * module.lora_B["default"].weight @ module.lora_A["default"].weight
+                delta_sq += float(delta.pow(2).sum())
+    return {"head_norm": float(head[0].norm()) if head else None, "lora_delta_norm": delta_sq**0.5}
 
 
 # ----------------------------------------------------------------------------------------------------- bookkeeping

@@ -136,3 +136,36 @@ def test_frozen_prefix_top_gives_the_full_models_logits_and_per_example_gradient
         for (name, g), (full_name, ref) in zip(grads.items(), reference.items(), strict=True):
             assert top_params[name] is full_params[full_name]  # the top shares the model's parameters
             np.testing.assert_allclose(g[k].numpy(), ref[0].numpy(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_dp_lora_setup_trains_under_dptrainer_and_top_predicts_like_the_whole_model(tmp_path):
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from hf_svd_plugins.dp import DPConfig, DPTrainer
+    from hf_svd_plugins.examples import collate_hidden_states, minilm_dp_lora_setup, rotten_tomatoes_splits
+
+    setup = minilm_dp_lora_setup(seed=3, batch_size=32, micro_batch_size=16, epochs=1, limit=96)
+    assert len(setup.train) == 96 and setup.training_args["gradient_accumulation_steps"] == 2
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, **setup.training_args)
+    trainer = DPTrainer(model=setup.top, args=args, train_dataset=setup.train, data_collator=collate_hidden_states,
+                        dp_config=DPConfig(**setup.dp_config))
+    trainer.remove_callback(PrinterCallback)
+    before = {n: p.detach().clone() for n, p in setup.top.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert 0 < trainer.get_epsilon() <= 8.0 + 1e-6 and trainer.dp_method_used == "vmap"
+    assert any(not torch.equal(before[n], p) for n, p in setup.top.named_parameters() if p.requires_grad)
+    # the trained top on prefix states and the whole model on raw text agree (validation, in the states' order)
+    _, validation, _ = rotten_tomatoes_splits(3, 0.1, 0.2, full=True)
+    texts = [validation.text[i] for i in setup.validation.order[:8]]
+    setup.model.eval()
+    setup.top.eval()
+    with torch.no_grad():
+        top_logits = setup.top(**{k: v for k, v in collate_hidden_states(setup.validation.items[:8]).items()
+                                  if k != "labels"}).logits
+        for i, text in enumerate(texts):
+            enc = setup.tokenizer([text], truncation=True, max_length=64, return_tensors="pt")
+            whole = setup.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[0]
+            np.testing.assert_allclose(top_logits[i].numpy(), whole.numpy(), atol=1e-5)
