@@ -169,7 +169,8 @@ def make_dp_trainer_class():
         def _dp_per_sample(self, module, params, inputs):
             grads, losses = super()._dp_per_sample(module, params, inputs)
             norms = per_sample_norms([grads[n] for n in params])
-            stats = self.__dict__.setdefault("_bench_step", {"clipped": 0, "seen": 0, "norms": []})
+            stats = self.__dict__.setdefault("_bench_step", {"clipped": 0, "seen": 0, "norms": [], "loss": 0.0})
+            stats["loss"] += float(losses.sum())
             stats["clipped"] += int((norms > self.dp_config.max_grad_norm).sum())
             stats["seen"] += int(norms.numel())
             stats["norms"].append(float(norms.median()))
@@ -177,10 +178,10 @@ def make_dp_trainer_class():
 
         def _dp_release_gradient(self, params):
             acc = self._dp_acc
-            stats = self.__dict__.pop("_bench_step", {"clipped": 0, "seen": 0, "norms": []})
+            stats = self.__dict__.pop("_bench_step", {"clipped": 0, "seen": 0, "norms": [], "loss": 0.0})
             if acc is not None:
                 record = {"step": self.state.global_step, "clipped": stats["clipped"] / max(1, stats["seen"]),
-                          "batch": stats["seen"],
+                          "batch": stats["seen"], "loss": stats["loss"] / max(1, stats["seen"]),
                           "median_norm": statistics.median(stats["norms"]) if stats["norms"] else float("nan")}
                 scale = self.noise_multiplier * self.dp_config.max_grad_norm / self.expected_batch_size
                 groups = {"all": range(len(acc))}
@@ -346,9 +347,9 @@ def summarize(rec: dict) -> dict:
     out = {}
     for part, rows in (("early", log[:k]), ("late", log[-k:])):
         for group in ("all", "head", "lora_A", "lora_B"):
-            if f"signal_{group}" in rows[0]:
-                ratio = statistics.mean(x[f"noise_{group}"] / max(x[f"signal_{group}"], 1e-12) for x in rows)
-                out[f"{part}_{group}"] = ratio
+            if f"signal_{group}" in rows[0]:  # ratio of the window's means (the signal of B is 0 at a zero head)
+                signal = statistics.mean(x[f"signal_{group}"] for x in rows)
+                out[f"{part}_{group}"] = statistics.mean(x[f"noise_{group}"] for x in rows) / max(signal, 1e-12)
         out[f"{part}_clipped"] = statistics.mean(x["clipped"] for x in rows)
         out[f"{part}_norm"] = statistics.mean(x["median_norm"] for x in rows)
     return out
