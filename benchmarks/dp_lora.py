@@ -8,6 +8,7 @@ are sorted by length so that Poisson batches cut into micro-batches of similar l
 vmap. Every run appends one JSON line to ``--out`` as it finishes; a rerun skips the runs already there.
 
     python benchmarks/dp_lora.py diagnose                 # noise-to-signal, clipped fraction, budget table
+    python benchmarks/dp_lora.py probe                    # the same, first steps only (runs too slow to finish)
     python benchmarks/dp_lora.py search                   # the validation search (seed 0), counted
     python benchmarks/dp_lora.py final                    # 3 seeds x {non-private, DP eps 8, DP eps 3, head only}
 """
@@ -207,7 +208,10 @@ def collate(items):
     return collate_hidden_states(items)
 
 
-def train_and_evaluate(run: Run, threads: int = 1) -> dict:
+def train_and_evaluate(run: Run, threads: int = 1, probe_steps: int | None = None) -> dict:
+    """Train and evaluate ``run``. ``probe_steps``: only its first ``probe_steps`` optimizer steps, with sigma
+    calibrated over the whole planned run (``DPConfig.total_steps``), to measure noise/signal and the clipped fraction
+    of a run too slow to finish; nothing is evaluated (accuracy ``None``)."""
     import numpy as np
     import torch
     from transformers import Trainer, TrainingArguments
@@ -235,7 +239,7 @@ def train_and_evaluate(run: Run, threads: int = 1) -> dict:
         gradient_accumulation_steps=run.batch // micro, per_device_eval_batch_size=256, num_train_epochs=run.epochs,
         learning_rate=run.lr, lr_scheduler_type=run.scheduler, weight_decay=0.0, report_to=[], use_cpu=True,
         save_strategy="no", logging_steps=10**6, disable_tqdm=True, max_grad_norm=0.0 if private else 1.0,
-        seed=run.seed, dataloader_num_workers=0,
+        seed=run.seed, dataloader_num_workers=0, max_steps=probe_steps or -1,
     )
     kw = dict(model=top, args=args, train_dataset=train, data_collator=data_collator)
     if run.head_lr is not None:  # AdamW with the head in its own group; the Trainer's schedule scales both groups
@@ -244,8 +248,9 @@ def train_and_evaluate(run: Run, threads: int = 1) -> dict:
                   {"params": [p for n, p in params if _group_of(n) == "head"], "lr": run.head_lr}]
         kw["optimizers"] = (torch.optim.AdamW([g for g in groups if g["params"]], lr=run.lr, weight_decay=0.0), None)
     if private:
+        planned = max(1, math.ceil(run.epochs * max(1, len(train) // run.batch))) if probe_steps else None
         dp = DPConfig(target_epsilon=run.epsilon, max_grad_norm=run.max_grad_norm, per_sample_method="vmap",
-                      noise_seed=run.seed, sampler_seed=run.seed)
+                      noise_seed=run.seed, sampler_seed=run.seed, total_steps=planned)
         trainer = make_dp_trainer_class()(**kw, dp_config=dp)
     else:
         trainer = Trainer(**kw)
@@ -253,8 +258,10 @@ def train_and_evaluate(run: Run, threads: int = 1) -> dict:
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    pred = trainer.predict(evaluated)
-    accuracy = float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())
+    accuracy = None
+    if probe_steps is None:
+        pred = trainer.predict(evaluated)
+        accuracy = float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())
     out = {"key": run.key(), "run": {**dataclasses.asdict(run), "targets": list(run.targets)},
            "accuracy": accuracy, "n_train": len(train), "n_eval": len(evaluated),
            "steps": trainer.state.global_step, "seconds": round(seconds, 1),
@@ -304,8 +311,9 @@ def load_results(path: str) -> dict[str, dict]:
     return done
 
 
-def run_all(runs: list[Run], out: str, threads: int = 1) -> list[dict]:
-    """Run what is not in ``out`` yet (appending each result as it finishes); return all records in order."""
+def run_all(runs: list[Run], out: str, threads: int = 1, probe_steps: int | None = None) -> list[dict]:
+    """Run what is not in ``out`` yet (appending each result as it finishes); return all records in order.
+    ``probe_steps``: only the first steps of each run (:func:`train_and_evaluate`); keep those in their own file."""
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     done = load_results(out)
     records = []
@@ -314,13 +322,13 @@ def run_all(runs: list[Run], out: str, threads: int = 1) -> list[dict]:
             records.append(done[run.key()])
             continue
         print(f"[run {i + 1}/{len(runs)}] {describe(run)}", flush=True)
-        rec = train_and_evaluate(run, threads)
+        rec = train_and_evaluate(run, threads, probe_steps)
         rec["tag"] = run.tag
         with open(out, "a") as f:
             f.write(json.dumps(rec) + "\n")
         done[run.key()] = rec
         records.append(rec)
-        print(f"    -> {run.split} accuracy {rec['accuracy']:.4f}, eps {rec.get('epsilon', float('inf')):.3g}, "
+        print(f"    -> {run.split} accuracy {rec['accuracy'] or float('nan'):.4f}, eps {rec.get('epsilon', float('inf')):.3g}, "
               f"{rec['steps']} steps, {rec['seconds']:.0f} s" + (
                   f", noise/signal {rec['noise_to_signal_mean']:.2f}, clipped {rec['clipped_mean']:.2f}"
                   if "noise_to_signal_mean" in rec else ""), flush=True)
@@ -374,7 +382,8 @@ def print_runs(records: list[dict], title: str) -> None:
         clipped = f"{sm['early_clipped']:.2f} -> {sm['late_clipped']:.2f}" if sm else "-"
         norm = f"{sm['early_norm']:.2g} -> {sm['late_norm']:.2g}" if sm else "-"
         sigma = f"{rec['sigma']:.3f}" if "sigma" in rec else "-"
-        print(f"| {describe(run)} | {rec['n_params']} | {rec['steps']} | {sigma} | {rec['accuracy']:.4f} | {ratios} | "
+        acc = "-" if rec["accuracy"] is None else f"{rec['accuracy']:.4f}"
+        print(f"| {describe(run)} | {rec['n_params']} | {rec['steps']} | {sigma} | {acc} | {ratios} | "
               f"{clipped} | {norm} | {rec['seconds']:.0f} |")
 
 
@@ -411,7 +420,7 @@ def budget_table(n: int, path: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["diagnose", "search", "final", "table"])
+    parser.add_argument("mode", choices=["diagnose", "probe", "search", "final", "table"])
     parser.add_argument("--out", default=DEFAULT_OUT, help="results (JSON lines, appended as runs finish)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -422,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         budget_table(9222, os.path.join(os.path.dirname(a.out), "dp_lora_budget.json"))
     if a.mode == "diagnose":
         print_runs(run_all(plan.LADDER, a.out, a.threads), "Diagnosis ladder (validation, seed 0)")
+    if a.mode == "probe":
+        out = os.path.join(os.path.dirname(a.out), "dp_lora_probe.jsonl")
+        print_runs(run_all(plan.PROBES, out, a.threads, plan.PROBE_STEPS),
+                   f"First {plan.PROBE_STEPS} steps, sigma of the whole planned run (training data, seed 0)")
     if a.mode == "search":
         print_runs(run_all(plan.search_runs(), a.out, a.threads), "Search (validation, seed 0)")
     if a.mode == "final":
