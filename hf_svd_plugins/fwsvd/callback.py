@@ -226,11 +226,11 @@ class FisherCallback(TrainerCallback, ExportableState):
         import copy
 
         from hf_svd_plugins.fwsvd.compress import fwsvd_compress
-        from hf_svd_plugins.lora import is_zero3_param
+        from hf_svd_plugins.lora import is_sharded
 
         inner = unwrap_model(model)
-        zero3 = any(is_zero3_param(p) for p in inner.parameters())
-        target = inner if zero3 else copy.deepcopy(inner)  # ZeRO-3: fwsvd_compress gathers a copy on rank 0
+        sharded = any(is_sharded(p) for p in inner.parameters())
+        target = inner if sharded else copy.deepcopy(inner)  # ZeRO-3/FSDP2: fwsvd_compress gathers a copy on rank 0
         importance = self.fisher if self.compress_method == "fisher" else None
         self.report = fwsvd_compress(target, self.compress_method, importance=importance, ratio=self.compress_ratio,
                                      targets=self.targets, progress=False)

@@ -24,7 +24,7 @@ from hf_svd_plugins.distributed import broadcast_, is_distributed, process_rank
 from hf_svd_plugins.fwsvd import core
 from hf_svd_plugins.fwsvd.lowrank import LowRankLinear, low_rank_like, mark_compressed, set_submodule
 from hf_svd_plugins.fwsvd.targets import TargetLayer, Targets, select_targets
-from hf_svd_plugins.lora import gathered_cpu_copy, is_zero3_param, merge_lora_adapters, unwrap_model
+from hf_svd_plugins.lora import gathered_cpu_copy, is_sharded, merge_lora_adapters, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -326,8 +326,8 @@ def fwsvd_compress(model: nn.Module, method: str = "fisher", importance: Mapping
                              "(lower rank_multiple to go further)")
     batches = _materialize(calibration, max_batches)
 
-    zero3 = any(is_zero3_param(t.layer.weight) for t in layers)
-    replicated = is_distributed() and not zero3
+    sharded = any(is_sharded(t.layer.weight) for t in layers)  # ZeRO-3 partitions or FSDP2 DTensor shards
+    replicated = is_distributed() and not sharded
     params_before = count_parameters(inner)
     # Statistics are read on the model as it is (PEFT adapters active, or ZeRO-3 shards); weights on the merged one.
     if method == "fisher" and importance is None:
@@ -339,7 +339,7 @@ def fwsvd_compress(model: nn.Module, method: str = "fisher", importance: Mapping
         from hf_svd_plugins.fwsvd.calibration import plan_streams
 
         plan = plan_streams(inner, layers, batches[0], memory_gb)
-    if zero3:
+    if sharded:
         copy = gathered_cpu_copy(inner)
         weights_model = merge_lora_adapters(copy) if copy is not None else None
         stats_model, stats_layers = inner, layers
@@ -347,7 +347,7 @@ def fwsvd_compress(model: nn.Module, method: str = "fisher", importance: Mapping
         weights_model = stats_model = merge_lora_adapters(inner)
         stats_layers = select_targets(weights_model, targets)
     weight_layers = select_targets(weights_model, targets) if weights_model is not None else []
-    computing = {t.name: t for t in weight_layers} if (zero3 or process_rank() == 0) else {}
+    computing = {t.name: t for t in weight_layers} if (sharded or process_rank() == 0) else {}
     matrices = _Matrices(method, layers, computing, importance, stats_model, stats_layers, batches, plan, damping)
 
     if ratio is not None:
