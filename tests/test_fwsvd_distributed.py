@@ -49,11 +49,16 @@ def test_fisher_callback_in_a_real_two_process_run(mode, tmp_path):
         for name, value in replay.items():
             torch.testing.assert_close(r0[key][name], value, rtol=0, atol=1e-5 * float(value.abs().max()))
 
+    batch = {k: v for k, v in tiny_batches(1, seed=9)[0].items() if k != "labels"}
+    with torch.no_grad():  # the callbacks left the Trainer's model as it was
+        reference = model.eval()(**batch).logits
+    for r in (r0, r1):
+        torch.testing.assert_close(r["logits"], reference, rtol=1e-5, atol=1e-5)
+
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "compressed")  # plain transformers, after our import
     report = fwsvd_compress(model, "fisher", importance=r0["end"], ratio=0.5, progress=False)
     assert report.ranks == r0["ranks"]
     assert {n: m.rank for n, m in loaded.named_modules() if isinstance(m, LowRankLinear)} == report.ranks
-    batch = {k: v for k, v in tiny_batches(1, seed=9)[0].items() if k != "labels"}
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(**batch).logits, report.model.eval()(**batch).logits,
                                    rtol=1e-5, atol=1e-5)

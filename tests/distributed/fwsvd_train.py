@@ -6,7 +6,8 @@ FSDP2 (``fully_shard``, DTensor shards) when launched with accelerate_configs/fs
 Two callbacks: one in mode "train" (the Trainer's own batches, gradient accumulation 2), one in mode "end" (2 batches
 of the train dataloader at on_train_end) that also compresses a copy of the model and saves it. lr=0 keeps the
 weights fixed, so the test can replay every batch in one process. Each rank writes OUT/rank{r}.pt with both Fisher
-sums and the batches it read.
+sums, the batches it read, the logits of the Trainer's model on a fixed batch after training and whether FSDP2 was
+active.
 """
 
 import os
@@ -20,7 +21,7 @@ warnings.filterwarnings("ignore")
 torch.set_num_threads(1)
 
 from fsdp_train import CpuFsdp2Trainer, Sharding  # noqa: E402
-from tiny import TinyTokenDataset, pad_collate, tiny_lora_model  # noqa: E402
+from tiny import TinyTokenDataset, pad_collate, tiny_batches, tiny_lora_model  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 from hf_svd_plugins import FisherCallback  # noqa: E402
@@ -48,7 +49,11 @@ def main(out: str) -> None:
                               callbacks=[during, at_end, sharding])
     trainer_ref.append(trainer)
     trainer.train()
-    torch.save({"train": during.fisher, "end": at_end.fisher, "seen": seen, "batches": (during.batches, at_end.batches),
+    batch = {k: v for k, v in tiny_batches(1, seed=9)[0].items() if k != "labels"}
+    trainer.model.eval()
+    with torch.no_grad():  # the Trainer's model after both callbacks: intact and usable (every rank runs it)
+        logits = trainer.model(**batch).logits
+    torch.save({"logits": logits, "train": during.fisher, "end": at_end.fisher, "seen": seen, "batches": (during.batches, at_end.batches),
                 "ranks": None if at_end.report is None else at_end.report.ranks,
                 "world": int(os.environ.get("WORLD_SIZE", "1")), "sharding": sharding.seen},
                os.path.join(out, f"rank{process_rank()}.pt"))
