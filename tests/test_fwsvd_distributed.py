@@ -4,7 +4,8 @@ and accelerate's FSDP2 (accelerate_configs/fsdp.yaml; on this CPU machine throug
 
 Every rank ends with the same Fisher sums, equal to one process on the union of both ranks' batches (mode "train",
 gradient accumulation 2, and mode "end"); under each launcher the compressed model is saved by rank 0 (under ZeRO-3
-and FSDP2 from gathered weights) and loads with plain from_pretrained, with the logits of a single-process compression.
+and FSDP2 from gathered weights) and loads with plain from_pretrained, with the logits of a single-process compression. ``fwsvd_compress(...,
+"whiten")`` on the trained model, each rank with its own calibration batches, equals one process on all of them.
 """
 
 import os
@@ -62,6 +63,17 @@ def test_fisher_callback_in_a_real_two_process_run(mode, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(**batch).logits, report.model.eval()(**batch).logits,
                                    rtol=1e-5, atol=1e-5)
+
+    # fwsvd_compress(..., "whiten") called on the trained model: equal to one process on both ranks' calibration
+    whitened = fwsvd_compress(tiny_lora_model("llama", r=4, spectral_decay=0.8), "whiten", ratio=0.5, progress=False,
+                              calibration=r0["calibration"] + r1["calibration"])
+    assert not torch.equal(r0["calibration"][0]["input_ids"], r1["calibration"][0]["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(r0["whitened_logits"], whitened.model.eval()(**batch).logits, rtol=1e-5, atol=1e-5)
+    if mode in ("zero3", "fsdp2"):
+        assert r1["whitened_logits"] is None  # rank 0 compressed the gathered copy
+    else:
+        torch.testing.assert_close(r1["whitened_logits"], r0["whitened_logits"], rtol=0, atol=0)
 
 
 if __name__ == "__main__":
