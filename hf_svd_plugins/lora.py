@@ -568,7 +568,7 @@ def merge_lora_adapters(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def gathered_cpu_copy(model: nn.Module) -> nn.Module | None:
-    """A whole copy of a (possibly ZeRO-3-sharded) transformers model on CPU, on rank 0; None on other ranks.
+    """A whole copy of a (possibly ZeRO-3- or FSDP2-sharded) transformers model on CPU, on rank 0; None elsewhere.
 
     Every rank must call it: parameters are gathered one at a time, so beyond rank 0's copy no rank holds more than
     one full weight. The copy is rebuilt from the model's config (a ``PreTrainedModel``, or a PEFT model around one,
@@ -584,8 +584,9 @@ def gathered_cpu_copy(model: nn.Module) -> nn.Module | None:
     state = {}
     for name, param in inner.named_parameters():
         with gathered_parameters([param]):
+            value = full_value(param) if is_dtensor(param) else param  # full_tensor(): every rank takes part
             if process_rank() == 0:
-                state[name] = param.detach().to("cpu", copy=True)
+                state[name] = value.detach().to("cpu", copy=True)
     if process_rank() != 0:
         return None
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
