@@ -341,3 +341,21 @@ def test_detect_mask_kind_ambiguous_on_single_tokens():
              "labels": torch.tensor([0, 1])}
     assert detect_mask_kind(model, batch) == "ambiguous"
     assert detect_mask_kind(model, {k: v for k, v in batch.items() if k != "attention_mask"}) == "none"
+
+
+def test_example_alone_cuts_per_token_features_to_the_real_tokens():
+    """Precomputed hidden states ``(B, T, H)`` (a frozen prefix computed once) are cut with the attention mask, like
+    ``input_ids``; pixel-like ``(B, C, H, W)`` tensors and ``(B, C)`` float targets are only sliced by row."""
+    from hf_svd_plugins.dp.padding import example_alone
+
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]])
+    pixels, targets = torch.randn(2, 4, 5, 5), torch.randn(2, 4)
+    batch = {"hidden_states": hidden, "attention_mask": mask, "pixel_values": pixels, "multi_labels": targets}
+    for row in range(2):
+        alone = example_alone(batch, row, 2)
+        real = mask[row].bool()
+        assert torch.equal(alone["hidden_states"], hidden[row : row + 1, real])
+        assert torch.equal(alone["attention_mask"], torch.ones(1, int(real.sum()), dtype=mask.dtype))
+        assert torch.equal(alone["pixel_values"], pixels[row : row + 1])
+        assert torch.equal(alone["multi_labels"], targets[row : row + 1])

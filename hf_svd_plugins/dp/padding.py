@@ -76,11 +76,13 @@ def check_position_ids(inputs: Mapping[str, object]) -> None:
 
 
 def _row_keys(inputs: Mapping[str, object], batch: int, length: int) -> list[str]:
-    """Keys of integer tensors laid out ``(B, T)`` like ``input_ids`` (plus ``inputs_embeds``): what to cut to a row's
-    real tokens. Other tensors (pixel values, float multi-label targets ``(B, C)``, ...) are only sliced by row."""
+    """Keys of integer tensors laid out ``(B, T)`` like ``input_ids`` and of per-token float features ``(B, T, H)``
+    (``inputs_embeds``, precomputed hidden states): what to cut to a row's real tokens. Other tensors (pixel values
+    ``(B, C, H, W)``, float multi-label targets ``(B, C)``, ...) are only sliced by row."""
     return [k for k, v in inputs.items()
             if torch.is_tensor(v) and v.shape[:2] == (batch, length)
-            and ((v.dim() == 2 and not v.is_floating_point()) or k == "inputs_embeds")]
+            and ((v.dim() == 2 and not v.is_floating_point()) or (v.dim() == 3 and v.is_floating_point())
+                 or k == "inputs_embeds")]
 
 
 def example_alone(inputs: Mapping[str, object], row: int, batch: int) -> dict:
