@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (imported by DPTrainer) warns on every start otherwise
     warnings.filterwarnings("ignore")
     import torch
     from transformers.utils import logging as hf_logging
