@@ -99,3 +99,26 @@ def broadcast_int(value: int, src: int = 0, group: dist.ProcessGroup | None = No
 def broadcast_flag(flag: bool, src: int = 0, group: dist.ProcessGroup | None = None) -> bool:
     """Rank ``src``'s decision on every rank, so that all ranks run the same number of collectives."""
     return bool(broadcast_int(1 if flag else 0, src=src, group=group))
+
+
+@torch.no_grad()
+def all_gather_rows(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> list[torch.Tensor]:
+    """Every rank's ``tensor (n_r, ...)`` in rank order; the first dimension ``n_r`` may differ between ranks.
+
+    Sizes are gathered first, each tensor is zero-padded to the largest ``n_r`` on the group's device, gathered, and
+    trimmed back; results come back on ``tensor``'s device and dtype. Outside a distributed run: ``[tensor]``.
+    Traffic per rank: ``world_size * max_r(n_r) * prod(tensor.shape[1:])`` elements received.
+    """
+    if not is_distributed():
+        return [tensor]
+    device = collective_device(group)
+    n_ranks = dist.get_world_size(group)
+    size = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(n_ranks)]
+    dist.all_gather(sizes, size, group=group)
+    sizes = [int(s.item()) for s in sizes]
+    padded = torch.zeros((max(sizes), *tensor.shape[1:]), dtype=tensor.dtype, device=device)
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.empty_like(padded) for _ in range(n_ranks)]
+    dist.all_gather(gathered, padded, group=group)
+    return [g[:s].to(tensor.device) for g, s in zip(gathered, sizes, strict=True)]

@@ -8,7 +8,6 @@ from hf_svd_plugins.eva.core import (
     ActivationStats,
     allocate_ranks,
     eva_matrix,
-    group_identical_streams,
     principal_components,
     subspace_similarity,
 )
@@ -86,9 +85,3 @@ def test_eva_matrix_zero_pads_and_whitens():
     assert torch.allclose(white, expected)
     with pytest.raises(ValueError, match="exceeds"):
         eva_matrix(comps, rank=6, width=6)
-
-
-def test_group_identical_streams_needs_identical_values():
-    a = torch.randn(5, 4, dtype=torch.float64)
-    groups = group_identical_streams([("q", a), ("k", a.clone()), ("o", a + 1e-12), ("v", a.clone())])
-    assert groups == {"q": "q", "k": "q", "o": "o", "v": "q"}

@@ -3,7 +3,9 @@ and ZeRO-3 with the optimizer offloaded to CPU, each through the shipped config 
 
 Checks: every rank ends with identical LoRA weights and EVA ranks; unused ranks are still exactly zero after training;
 training ran to the end; and EVA's A equals a single-process EVA over the batches *both* ranks read (activations from
-all ranks are combined, not just rank 0's).
+all ranks are combined, not just rank 0's). These layers are narrow, so their statistics are exact and cross ranks by
+all-reduce (32-wide inputs) or by gathering rows (the 48-wide input: fewer bytes at this batch size). ``ddp_sketch``
+forces sketches (gathered per rank and merged) and checks the captured variance against a float64 numpy PCA.
 """
 
 import os
@@ -29,17 +31,14 @@ LAUNCH = {
 }
 
 
-def launch(mode: str, out: str) -> None:
+def launch(mode: str, out: str, statistics: str = "auto") -> list[dict]:
     if mode.startswith("zero"):
         pytest.importorskip("deepspeed")
-    accelerate_launch(LAUNCH[mode], SCRIPT, out, N_EVA_BATCHES)
+    accelerate_launch(LAUNCH[mode], SCRIPT, out, N_EVA_BATCHES, statistics)
+    return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False) for r in (0, 1)]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3", "zero3_offload"])
-def test_eva_in_a_real_two_process_run(mode, tmp_path):
-    launch(mode, str(tmp_path))
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-    r0, r1 = results
+def assert_ranks_agree_and_training_ran(r0: dict, r1: dict) -> None:
     assert r0["world"] == 2 and r0["steps"] == r1["steps"] == 6
     assert r0["ranks"] == r1["ranks"]
     for name, (a0, b0) in r0["weights"].items():
@@ -50,6 +49,16 @@ def test_eva_in_a_real_two_process_run(mode, tmp_path):
         assert torch.count_nonzero(b0[:, :r_m]) > 0, "training must continue after EVA"
     for name, (a0, _) in r0["initial"].items():
         assert torch.equal(a0, r1["initial"][name][0])
+
+
+@pytest.mark.parametrize("mode", ["ddp", "zero2", "zero3", "zero3_offload"])
+def test_eva_in_a_real_two_process_run(mode, tmp_path):
+    r0, r1 = launch(mode, str(tmp_path))
+    assert_ranks_agree_and_training_ran(r0, r1)
+    assert set(r0["statistics"].values()) == {"exact"}
+    assert set(r0["communication"].values()) == {"all_reduce_statistics", "all_gather_rows"}
+    assert {n for n, c in r0["communication"].items() if c == "all_gather_rows"} == {
+        f"model.layers.{i}.mlp.down_proj" for i in (0, 1)}
 
     # the saved adapter is a standard PEFT adapter that reproduces the trained model
     from peft import PeftModel
@@ -72,6 +81,28 @@ def test_eva_in_a_real_two_process_run(mode, tmp_path):
         r_m = replay.ranks[name]
         cos = (a0[:r_m].double() * replay.matrices[name]).sum(1).abs()
         assert cos.min() > 1 - 1e-5, (name, cos)
+
+
+def test_sketched_eva_under_ddp_captures_the_variance_of_both_ranks_data(tmp_path):
+    """Sketches of 16 rows (below every width) are made per rank, all-gathered and merged; the result must capture
+    >= 0.99 of the variance of the optimal subspace of the union of both ranks' activations (float64 numpy)."""
+    import numpy as np
+    from test_eva_model import independent_activations
+
+    r0, r1 = launch("ddp", str(tmp_path), "sketch")
+    assert_ranks_agree_and_training_ran(r0, r1)
+    assert set(r0["statistics"].values()) == {"sketch"}
+    assert set(r0["communication"].values()) == {"all_gather_sketches"}
+    acts = independent_activations("llama", r0["seen"] + r1["seen"], 0.7)
+    for name, (a0, _) in r0["initial"].items():
+        r_m = r0["ranks"][name]
+        if r_m == 0:
+            continue
+        x = acts[name] - acts[name].mean(0)
+        scatter = x.T @ x
+        q, _ = np.linalg.qr(a0[:r_m].double().numpy().T)
+        optimal = np.sort(np.linalg.eigvalsh(scatter))[::-1][:r_m].sum()
+        assert np.trace(q.T @ scatter @ q) / optimal >= 0.99, name
 
 
 if __name__ == "__main__":

@@ -173,7 +173,8 @@ def test_eva_init_resizes_and_saves_a_standard_adapter(tmp_path):
 
 def test_rank_zero_modules_lose_their_adapter_and_still_load(tmp_path):
     """Real activations rarely starve a module on tiny models, so the decision is edited to force r_m = 0."""
-    from hf_svd_plugins.eva.model import apply_resized, eva_pairs
+    from hf_svd_plugins.eva.allocation import eva_pairs
+    from hf_svd_plugins.eva.layout import apply_resized
 
     batches = tiny_batches(4, kind="lm")
     model = tiny_lora_model("llama", r=4, spectral_decay=0.5)
@@ -202,6 +203,9 @@ def test_rank_zero_modules_lose_their_adapter_and_still_load(tmp_path):
         ({"tau": 1.5}, "tau must be in"),
         ({"max_batches": 0}, "max_batches"),
         ({"min_batches": 5, "max_batches": 3}, "exceeds max_batches"),
+        ({"statistics": "approximate"}, "statistics must be one of"),
+        ({"sketch_factor": 1.5}, "sketch_factor must be a number >= 2"),
+        ({"product_dtype": "bfloat16"}, "product_dtype must be"),
     ],
 )
 def test_bad_settings_fail_before_any_work(kwargs, message):

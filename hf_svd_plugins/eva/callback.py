@@ -1,9 +1,12 @@
-"""``EvaCallback``: EVA initialisation inside any Trainer (plain, TRL ``SFTTrainer``, ``DPTrainer``)."""
+"""``EvaCallback``: EVA initialisation inside a Trainer (plain ``Trainer``, TRL ``SFTTrainer``).
+
+``DPTrainer`` refuses EVA on its private training data (EVA's statistics are an un-noised function of it). Initialise
+on public data instead: ``EvaCallback(dataloader=public_loader)``, or ``eva_init`` before the ``DPTrainer`` exists.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Iterable
 
@@ -11,16 +14,17 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from hf_svd_plugins.eva.allocation import EvaResult, compute_eva, eva_pairs
 from hf_svd_plugins.eva.config import EvaConfig
-from hf_svd_plugins.eva.model import (
-    EvaResult,
+from hf_svd_plugins.eva.layout import (
     SavedRankLayout,
+    adapter_layout,
     apply_masked,
-    compute_eva,
-    eva_pairs,
     grow_to_max_rank,
     max_rank,
+    scale_divisor,
     update_saved_layout,
+    uses_rslora,
     zero_unused_ranks,
 )
 from hf_svd_plugins.lora import full_shape, is_zero3_param, unwrap_peft_model
@@ -37,15 +41,22 @@ class EvaCallback(TrainerCallback, ExportableState):
     DeepSpeed see the parameters). At ``on_train_begin`` it reads minibatches from the train dataloader, computes
     EVA, writes ``A`` (orthonormal rows; ranks beyond a module's ``r_m`` are zero) and zeroes ``B`` on every rank.
     Zero ranks receive exactly zero gradient, so they stay zero under SGD/Adam/AdamW. Saved adapters are truncated to
-    ``r_m`` with ``rank_pattern``/``alpha_pattern``: ``PeftModel.from_pretrained`` loads them as usual.
+    ``r_m`` with ``rank_pattern``/``alpha_pattern``: ``PeftModel.from_pretrained`` loads them as usual. Under
+    DeepSpeed ZeRO-3 the consolidated save cannot be truncated on the fly: adapters are saved at the full width
+    ``r_max`` (unused ranks zero) with alphas that keep every module's scale, which loads and predicts the same.
 
     The ranks and a done flag are saved with every checkpoint (``TrainerState.stateful_callbacks``); resuming never
-    recomputes EVA.
+    recomputes EVA. Each adapter of a model keeps its own layout, so a second adapter can be EVA-initialised too
+    (``config.adapter_name``, or make it the active adapter).
+
+    ``DPTrainer`` refuses an ``EvaCallback`` that reads its private training batches: EVA's statistics are an
+    un-noised function of them. Initialise on public data instead: ``EvaCallback(dataloader=public_loader)``, or
+    ``eva_init`` on the model before the ``DPTrainer`` exists.
 
     Args:
         config: an :class:`EvaConfig`; or give its fields as keyword arguments (``EvaCallback(rho=2.0, tau=0.99)``).
         dataloader: batches to read instead of the Trainer's train dataloader, e.g. public data when the training
-            data is private (``DPTrainer`` refuses EVA on its private batches). Same format as the training batches.
+            data is private. Same format as the training batches.
     """
 
     def __init__(self, config: EvaConfig | None = None, *, dataloader: Iterable | None = None, **kwargs):
@@ -59,7 +70,7 @@ class EvaCallback(TrainerCallback, ExportableState):
         self.alphas: dict[str, float] | None = None
         self.result: EvaResult | None = None
         self._layout: SavedRankLayout | None = None
-        self._prepared_model_id: int | None = None
+        self._prepared: tuple[int, str] | None = None
         self._mask_pairs: list = []
 
     @property
@@ -154,11 +165,12 @@ class EvaCallback(TrainerCallback, ExportableState):
     def _prepare(self, model, allow_growth: bool) -> None:
         """Validate, widen to ``r_max`` (only before the optimizer exists) and install the save/load layout hooks."""
         peft_model = unwrap_peft_model(model)
-        if self._prepared_model_id == id(peft_model):
-            return
         pairs = eva_pairs(peft_model, self.config)
-        existing = getattr(peft_model, "_hf_svd_eva_layout", None)
-        if existing is None and allow_growth:
+        adapter = pairs[0].adapter
+        if self._prepared == (id(peft_model), adapter):
+            return
+        layout = adapter_layout(peft_model, adapter)
+        if layout.saved_layout is None and allow_growth:
             grow_to_max_rank(peft_model, pairs, self.config)
             pairs = eva_pairs(peft_model, self.config)
         widths = {p.name: full_shape(p.A)[0] for p in pairs}
@@ -168,20 +180,19 @@ class EvaCallback(TrainerCallback, ExportableState):
                 "pass it to the Trainer constructor (`Trainer(..., callbacks=[EvaCallback(...)])`) instead "
                 "of `trainer.add_callback`, or call `eva_init(model, dataloader)` before creating the Trainer"
             )
-        if existing is not None:  # e.g. a callback re-created by restore_callback_states_from_checkpoint
-            self._layout = existing
-        else:
-            self._layout = SavedRankLayout(pairs, widths)
-            peft_model._hf_svd_eva_layout = self._layout
-        self._prepared_model_id = id(peft_model)
+        if layout.saved_layout is None:
+            layout.saved_layout = SavedRankLayout(pairs, widths)
+        # else: e.g. a callback re-created by restore_callback_states_from_checkpoint reuses the installed hooks
+        self._layout = layout.saved_layout
+        self._prepared = (id(peft_model), adapter)
 
     def _set_layout(self, model, pairs) -> None:
         if any(is_zero3_param(p.A) for p in pairs):
             # ZeRO-3 consolidates weights for saving without state-dict hooks, so adapters cannot be truncated on
             # the fly: save them at full width r_max (unused ranks are zero) with alphas that keep each scale.
-            use_rslora = bool(getattr(unwrap_peft_model(model).peft_config[pairs[0].adapter], "use_rslora", False))
+            rslora = uses_rslora(model, pairs[0].adapter)
             widths = dict(self._layout.widths)
-            alphas = {n: self.scalings[n] * (math.sqrt(w) if use_rslora else w) for n, w in widths.items()}
+            alphas = {n: self.scalings[n] * scale_divisor(w, rslora) for n, w in widths.items()}
             update_saved_layout(model, pairs, widths, alphas)
             return
         self._layout.ranks = dict(self.ranks)

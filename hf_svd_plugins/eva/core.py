@@ -2,15 +2,16 @@
 
 Pure tensors: no Trainer, no PEFT. Shapes: a layer input stream is ``x (n_tokens, d_in)``.
 
-Instead of an approximate incremental SVD, the core keeps the exact sufficient statistics of the stacked inputs
-(count, column sums and the ``d_in x d_in`` Gram matrix, in float64). Their top eigenvectors *are* the top right
-singular vectors of the (optionally centred) stacked activations, so the result equals a float64 SVD of everything seen,
-and under data parallelism ranks only all-reduce ``d_in^2 + d_in + 1`` numbers per batch instead of gathering tokens.
+For layers of moderate width the core keeps the exact sufficient statistics of the stacked inputs (count, column
+sums and the ``d_in x d_in`` Gram matrix, in float64). Their top eigenvectors *are* the top right singular vectors of
+the (optionally centred) stacked activations, so the result equals a float64 SVD of everything seen. Wide layers keep
+a bounded sketch instead (:mod:`hf_svd_plugins.eva.sketch`). Also here: the stop rule's subspace similarity, the
+global rank budget and EVA's A matrix.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -92,7 +93,7 @@ class Components:
     explained_variance_ratio: torch.Tensor
 
 
-def _canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
+def canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
     """Flip each row so its largest-magnitude entry is positive (the sign of a singular vector is arbitrary)."""
     idx = vectors.abs().argmax(dim=1)
     signs = torch.sign(vectors.gather(1, idx[:, None]))
@@ -146,7 +147,7 @@ def principal_components(
     values = values.clamp_min(0.0)
     total = torch.diagonal(scatter).sum().clamp_min(torch.finfo(torch.float64).tiny)
     return Components(
-        vectors=_canonical_signs(vectors),
+        vectors=canonical_signs(vectors),
         singular_values=values.sqrt(),
         explained_variance_ratio=values / total,
     )
@@ -205,21 +206,3 @@ def eva_matrix(components: Components, rank: int, width: int, whiten: bool = Fal
     out = torch.zeros(width, vectors.shape[1], dtype=vectors.dtype, device=vectors.device)
     out[:rank] = vectors
     return out
-
-
-def group_identical_streams(fingerprints: Sequence[tuple[str, torch.Tensor]]) -> dict[str, str]:
-    """Map each stream to the first stream with a bit-identical fingerprint tensor (``{name: representative}``).
-
-    Layers fed the same tensor (q/k/v, gate/up) then share one estimate, as in PEFT's EVA.
-    """
-    reps: list[tuple[str, torch.Tensor]] = []
-    mapping = {}
-    for name, fp in fingerprints:
-        for rep_name, rep_fp in reps:
-            if rep_fp.shape == fp.shape and torch.equal(rep_fp, fp):
-                mapping[name] = rep_name
-                break
-        else:
-            reps.append((name, fp))
-            mapping[name] = name
-    return mapping

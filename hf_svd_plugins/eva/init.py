@@ -6,16 +6,18 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from hf_svd_plugins.eva.allocation import EvaResult, compute_eva, eva_pairs
 from hf_svd_plugins.eva.config import EvaConfig
-from hf_svd_plugins.eva.model import EvaResult, apply_resized, compute_eva, eva_pairs
+from hf_svd_plugins.eva.layout import apply_resized
 
 
 def eva_init(model: nn.Module, dataloader: Iterable, config: EvaConfig | None = None, **kwargs) -> EvaResult:
     """Initialise a PEFT LoRA model with EVA in place and return what was decided.
 
     Each LoRA layer is rebuilt with its EVA rank ``r_m`` (PEFT ``update_layer``): ``A`` = the top ``r_m`` principal
-    directions of its inputs, ``B = 0``; modules with ``r_m = 0`` lose their adapter. The PEFT config records
-    ``rank_pattern``/``alpha_pattern``, so ``save_pretrained`` writes a standard adapter.
+    directions of its inputs, ``B = 0``; modules with ``r_m = 0`` lose their adapter. The adapter's PEFT config (a
+    private copy: the user's ``LoraConfig`` object is left as it was) records ``rank_pattern``/``alpha_pattern``, so
+    ``save_pretrained`` writes a standard adapter.
 
     Args:
         model: a ``PeftModel`` with a LoRA adapter.

