@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # the steps' own bars only
     logging.getLogger("hf_svd_plugins").setLevel(logging.ERROR)
     ctx = DemoContext(output_dir=args.output_dir, quick=args.quick, seed=args.seed)
     return run_demo(args.methods, ctx)
