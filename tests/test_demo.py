@@ -67,3 +67,13 @@ def test_quick_demo_end_to_end_on_dp_and_merge(tmp_path, capsys):
     report = (tmp_path / "report.md").read_text()
     assert "| weight matching |" in report and "| DP, target epsilon 8 |" in report
     assert "![merge](merge.png)" in report
+
+
+def test_demo_verb_is_registered_with_help(capsys):
+    from hf_svd_plugins.cli import VERB_MODULES, main
+
+    assert VERB_MODULES["demo"] == "hf_svd_plugins.demo.cli"
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--help"])
+    assert exc.value.code == 0
+    assert "--methods" in capsys.readouterr().out
