@@ -95,7 +95,7 @@ def test_real_two_process_gloo_results():
 
 
 def test_lora_writes_reach_collectives_only_through_the_helper_on_the_group_device(monkeypatch):
-    """lora.py's broadcasts (replicated LoRA weights, optimizer state) hand the collective a tensor on the group's
+    """hf_svd_plugins.lora's broadcasts (replicated LoRA weights, optimizer state) hand the collective a tensor on the group's
     device (a stand-in for CUDA under NCCL), never the CPU tensor they hold."""
     from tiny import tiny_lora_model
 

@@ -192,3 +192,21 @@ def test_total_flos_does_not_depend_on_the_secret_sample(tmp_path):
         trainer.train()
         flos.append(trainer.state.total_flos)
     assert flos[0] == flos[1]
+
+
+def test_hyperparameter_trial_with_push_refused(tmp_path, monkeypatch):
+    """A trial checkpoints into run-<id>/, its private state into run-<id>/_dp_private/: the Trainer's push ignores
+    `_*` and `checkpoint-*` only at the top of the output directory, so it would upload that state. Refused before
+    training (optuna / ray are not installed here: the trial is passed as the Trainer's hyperparameter search does)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    state = os.path.relpath(private_state_path(str(tmp_path / "run-0" / "checkpoint-2")), tmp_path)
+    assert state == os.path.join("run-0", PRIVATE_DIR, "checkpoint-2.pt")
+    assert list(filter_repo_objects([state], ignore_patterns=["_*", "checkpoint-*"])) == [state]  # not ignored
+    import transformers.trainer
+
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: FakeHub())
+    trainer = _dp(tmp_path, push_to_hub=True, hub_model_id="dp-test")
+    with pytest.raises(ValueError, match="push_to_hub=True in a hyperparameter-search trial"):
+        trainer.train(trial={"learning_rate": 0.1})
+    assert trainer.state.global_step == 0

@@ -381,3 +381,54 @@ def test_overridden_compute_loss_refused(tmp_path):
     with pytest.raises(ValueError, match="WeightedLoss.compute_loss is never called under DP"):
         DPWeighted(model=tiny_lora_model("llama"), args=_args(tmp_path), train_dataset=TinyTokenDataset(n=32),
                    data_collator=pad_collate, dp_config=DPConfig(noise_multiplier=1.0))
+
+
+def _token_lists(n: int = 32) -> list[dict]:
+    return [{"input_ids": it["input_ids"].tolist(), "labels": it["labels"].tolist()} for it in TinyTokenDataset(n=n).items]
+
+
+@pytest.mark.parametrize("poisson", [True, False])
+@pytest.mark.parametrize("collator", ["flatten_no_positions", "flatten", "drop_row", "duplicate_row"])
+def test_collator_not_one_row_per_example_refused_before_any_release(tmp_path, collator, poisson):
+    """DataCollatorWithFlattening concatenates a micro-batch into one row (without position_ids nothing else marks
+    it): DP clipped that row as one example, so removing one example moved the release by up to 2 C. A collator that
+    drops or duplicates a row breaks the bound the same way. Refused as the batch is collated, before any gradient."""
+    from transformers import DataCollatorWithFlattening
+
+    flatten = {"flatten_no_positions": DataCollatorWithFlattening(return_position_ids=False),
+               "flatten": DataCollatorWithFlattening()}
+    if collator in flatten:
+        dataset, collate, name = _token_lists(), flatten[collator], "DataCollatorWithFlattening"
+    else:
+        def collate(features):
+            out = pad_collate(features)
+            rows = out["input_ids"].shape[0]
+            keep = torch.arange(rows - 1) if collator == "drop_row" else torch.cat([torch.arange(rows), torch.zeros(1, dtype=torch.long)])
+            return {k: v[keep] for k, v in out.items()}
+        dataset, name = TinyTokenDataset(n=32), "collate"
+    trainer = _dp(tmp_path, dataset=dataset, collator=collate, remove_unused_columns=False,
+                  dp=DPConfig(noise_multiplier=1.0, poisson_sampling=poisson, sampler_seed=0))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(ValueError, match=f"data collator {name} returned `input_ids` with \\d+ rows for the \\d+ "
+                                         "examples.*DataCollatorWithPadding"):
+        trainer.train()
+    assert trainer.accountant.steps == 0 and trainer.state.global_step == 0
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_row_count_check_ignores_scalars_and_accepts_one_row_per_example():
+    from transformers import BatchEncoding
+
+    from hf_svd_plugins.dp.batch import check_one_row_per_example
+
+    batch = BatchEncoding({"input_ids": torch.zeros(3, 5, dtype=torch.long), "num_items": torch.tensor(7)})
+    check_one_row_per_example(batch, 3, pad_collate)
+    with pytest.raises(ValueError, match="pad_collate returned `input_ids` with 3 rows for the 2 examples"):
+        check_one_row_per_example(batch, 2, pad_collate)
+
+
+def test_neftune_refused(tmp_path):
+    """NEFTune's noise is alpha / sqrt(T_padded * d): an example's gradient depends on the longest example of its
+    batch."""
+    with pytest.raises(ValueError, match="neftune_noise_alpha=5.0 is not supported under DP"):
+        _dp(tmp_path, neftune_noise_alpha=5.0)

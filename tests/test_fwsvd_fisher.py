@@ -191,3 +191,22 @@ def test_callback_declares_it_reads_training_data_and_checks_its_arguments(tmp_p
         FisherCallback(max_batches=0)
     with pytest.raises(ValueError, match="gradient checkpointing"):
         train(FisherCallback(mode="train"), tmp_path, gradient_checkpointing=True)
+
+
+
+def test_fsdp1_flattened_weights_are_refused_before_training(tmp_path):
+    """FSDP1's FlatParameters cannot be read layer by layer: FisherCallback(compress_ratio=...) refuses them at
+    on_train_begin (before the first step), fwsvd_compress before any work. FSDP2's DTensors are tested for real in
+    tests/test_fwsvd_distributed.py."""
+    from hf_svd_plugins import fwsvd_compress
+
+    model = tiny_lora_model("llama", spectral_decay=0.8)
+    next(model.parameters())._fsdp_flattened = True  # what FSDP1 marks its flattened parameters with
+    reference = {n: p.clone() for n, p in model.named_parameters()}
+    callback = FisherCallback(mode="end", compress_ratio=0.5, output_dir=str(tmp_path / "compressed"))
+    with pytest.raises(ValueError, match="FSDP1.*FSDP2"):
+        train(callback, tmp_path, model=model, lr=1e-2)
+    with pytest.raises(ValueError, match="FSDP1.*fsdp_version: 2"):
+        fwsvd_compress(model, "svd", ratio=0.5, progress=False)
+    assert all(torch.equal(p, reference[n]) for n, p in model.named_parameters())  # no step taken, nothing merged
+    assert not (tmp_path / "compressed").exists()

@@ -1,4 +1,4 @@
-"""lora.py: finding pairs, reading and writing them (whole, FSDP2 DTensors), refusing what it cannot handle."""
+"""hf_svd_plugins.lora: finding pairs, reading and writing them (whole, FSDP2 DTensors), refusing what it cannot handle."""
 
 import contextlib
 import os

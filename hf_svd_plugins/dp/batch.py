@@ -3,7 +3,8 @@
 One row of a batch is one example (the privacy unit). Anything that lets one row's loss depend on another row, or on
 the batch's padded length, breaks the sensitivity bound ``C``: several examples packed in one row, targets at padded
 positions, positions counted from the padded length (see
-:mod:`.padding`). The checks here raise ``ValueError`` naming the fix.
+:mod:`.padding`), a collator that returns a different number of rows than the examples it was given (it flattened,
+dropped or duplicated some). The checks here raise ``ValueError`` naming the fix.
 """
 
 from __future__ import annotations
@@ -31,6 +32,39 @@ def split_inputs(inputs: Mapping[str, object]) -> tuple[dict, torch.Tensor, str]
 def logits_of(output: object) -> torch.Tensor:
     """The logits of a model output (``ModelOutput``/dict or tuple)."""
     return output["logits"] if isinstance(output, Mapping) else output[0]
+
+
+def collator_name(collate_fn: object) -> str:
+    """The user's collator behind the Trainer's wrappers (``RemoveColumnsCollator``, ``functools.partial``)."""
+    for _ in range(8):
+        inner = getattr(collate_fn, "data_collator", None) or getattr(collate_fn, "collate_fn", None)
+        inner = inner or getattr(collate_fn, "func", None)
+        if inner is None:
+            break
+        collate_fn = inner
+    return getattr(collate_fn, "__name__", None) or type(collate_fn).__name__
+
+
+def check_one_row_per_example(batch: object, num_examples: int, collate_fn: object) -> None:
+    """Refuse a collated batch whose tensors do not have exactly ``num_examples`` rows (leading dimension).
+
+    DP clips each row's gradient as one example's; a collator that concatenates the examples it is given into fewer
+    rows (``DataCollatorWithFlattening``, with or without ``position_ids``), drops or duplicates some would make one
+    example's influence on the released gradient exceed ``C``. Scalars (0-d tensors) are not checked.
+    """
+    if not isinstance(batch, Mapping):
+        return
+    for key, value in batch.items():
+        shape = getattr(value, "shape", None)
+        if shape is None or len(shape) == 0 or int(shape[0]) == num_examples:
+            continue
+        raise ValueError(
+            f"the data collator {collator_name(collate_fn)} returned `{key}` with {int(shape[0])} rows for the "
+            f"{num_examples} examples sampled for this micro-batch: DP clips each row as one example, so every "
+            "example must be exactly one row (collators that flatten / pack examples into one row, such as "
+            "DataCollatorWithFlattening, break per-example privacy). Use one padded row per example: "
+            "DataCollatorWithPadding, DataCollatorForLanguageModeling, or the Trainer's default collator"
+        )
 
 
 def check_not_packed(inputs: Mapping[str, object]) -> None:

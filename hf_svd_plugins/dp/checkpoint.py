@@ -135,6 +135,19 @@ def warn_if_checkpoints_pushed(args) -> None:
         )
 
 
+def check_trial_not_pushed(args, trial: object) -> None:
+    """Refuse ``push_to_hub`` in a hyperparameter-search trial: a trial saves into ``<output_dir>/run-<id>/``, so its
+    private states land in ``run-<id>/_dp_private/``, which the Trainer's push (ignore patterns ``_*`` and
+    ``checkpoint-*``, matched from the top of the output directory) would upload."""
+    if trial is not None and getattr(args, "push_to_hub", False):
+        raise ValueError(
+            "push_to_hub=True in a hyperparameter-search trial would upload the trial's private DP state "
+            f"(run-*/{PRIVATE_DIR}/: noise generator, sampler seed), which the Trainer's ignore patterns do not "
+            "cover below the top of the output directory; search with push_to_hub=False and push the chosen run "
+            "afterwards"
+        )
+
+
 def latest_release(checkpoint_dir: str, state: dict) -> dict | None:
     """The record of the same run (``lineage``) in the checkpoint's run directory that has released more steps than
     ``state`` (a later checkpoint, or the release log after steps lost in a crash), the one with the most; else None."""

@@ -1,7 +1,7 @@
 """Refusals: what breaks the DP guarantee is stopped with a ``ValueError`` that names the fix.
 
 At construction (before any training work): settings that change what is clipped (fp16 loss scaling, sharded
-parameters), a loss the per-example computation would silently ignore (``compute_loss_func``, an overridden
+parameters) or couple an example to its batch (NEFTune's noise, scaled by the padded length), a loss the per-example computation would silently ignore (``compute_loss_func``, an overridden
 ``compute_loss``), modules that couple examples (BatchNorm), callbacks that write an un-noised function of the private
 batches into the model (EVA on the training data, or on a loader over the training set), data sets without ``len()``.
 When a callback is added, at every step begin and before every release: those callbacks again.
@@ -24,7 +24,8 @@ from hf_svd_plugins.trainer_utils import reads_train_data
 
 
 def check_trainer_features(trainer, cfg: DPConfig) -> None:
-    """fp16, FSDP, DeepSpeed ZeRO-3 / hooks under DeepSpeed, ``compute_loss_func``, an overridden ``compute_loss``."""
+    """fp16, FSDP, DeepSpeed ZeRO-3 / hooks under DeepSpeed, NEFTune, ``compute_loss_func``, an overridden
+    ``compute_loss``."""
     if getattr(trainer.args, "fp16", False):
         raise ValueError(
             "fp16=True is not supported under DP: loss scaling would scale per-example gradients before clipping; "
@@ -47,6 +48,12 @@ def check_trainer_features(trainer, cfg: DPConfig) -> None:
                 "per_sample_method='hooks' does not work under DeepSpeed (its backward would trigger DeepSpeed's "
                 "gradient reduction hooks); use 'vmap' or 'loop'"
             )
+    if getattr(trainer.args, "neftune_noise_alpha", None) is not None:
+        raise ValueError(
+            f"neftune_noise_alpha={trainer.args.neftune_noise_alpha!r} is not supported under DP: NEFTune scales its "
+            "embedding noise by the batch's padded length, so one example's gradient depends on how long the other "
+            "examples of its batch are; set neftune_noise_alpha=None"
+        )
     if trainer.compute_loss_func is not None:
         raise ValueError(
             "compute_loss_func is not supported by DPTrainer: the per-example loss is set by DPConfig.loss_type"

@@ -65,6 +65,23 @@ class DPConfig:
             further ``train()`` call draws a new sample.
         eps_error: accuracy of the PRV accountant's epsilon (ignored by RDP).
         epsilon_tolerance: accuracy of the sigma calibration from ``target_epsilon``.
+
+    Recommended for a small data set (thousands of examples; measured on 9,222 Rotten Tomatoes snippets with
+    all-MiniLM-L6-v2, docs/dp.md "Getting private LoRA to learn"; ``examples.minilm_dp_lora_setup`` builds it).
+    The per-step noise norm is ``sigma * C * sqrt(d) / B`` for ``d`` trainable parameters and expected batch ``B``;
+    keep it near the norm of the clipped mean gradient, which was 0.09-0.15 ``C`` over the first steps of every run
+    measured:
+
+    - train few parameters: LoRA ``r=4`` on ``query``/``value`` of the top 2 layers plus a zero-initialised head
+      (13,058 parameters) on the encoder used as it was trained (mean-pooled sentence embedding);
+    - an expected logical batch of about ``N / 9`` through ``gradient_accumulation_steps`` (1,024 of 9,222:
+      ``q = 0.11``) and about 10 epochs (90 steps; epsilon 8 then affords ``sigma = 0.96``);
+    - ``max_grad_norm=0.1`` (median per-example norms start at 1.2-2, so at first every example is clipped);
+    - AdamW with linear decay at about 20x the non-private learning rate (``2e-2`` against ``1e-3``).
+
+    With these, epsilon 8 and 3 reached 0.79 validation accuracy against 0.81 non-private (seed 0); the earlier
+    recipe (LoRA ``r=8`` on every layer, 74,498 parameters, ``C=1``, ``B=512`` of 3,892) had a noise norm 3.2-4.2x
+    its signal per step and stayed at chance.
     """
 
     max_grad_norm: float = 1.0

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from hf_svd_plugins.dp.batch import check_one_row_per_example
+
 
 def poisson_sample(num_examples: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
     """Indices ``(k,)`` (int64, ascending) of the examples included, each independently with probability ``q``.
@@ -90,8 +92,10 @@ class PoissonBatchSampler(Sampler[list[int]]):
 EMPTY_BATCH_KEY = "dp_empty_batch"
 
 
-class EmptySafeCollator:
-    """Wrap a collator so an empty micro-batch becomes ``{EMPTY_BATCH_KEY: tensor(0)}`` instead of an error."""
+class PrivateCollator:
+    """Wrap a collator for private batches: an empty micro-batch becomes ``{EMPTY_BATCH_KEY: tensor(0)}`` instead
+    of an error, and a batch that is not one row per example drawn is refused
+    (:func:`~.batch.check_one_row_per_example`), before any gradient is taken from it."""
 
     def __init__(self, collate_fn) -> None:
         self.collate_fn = collate_fn
@@ -99,7 +103,9 @@ class EmptySafeCollator:
     def __call__(self, features: list) -> dict:
         if len(features) == 0:
             return {EMPTY_BATCH_KEY: torch.zeros(1)}
-        return self.collate_fn(features)
+        batch = self.collate_fn(features)
+        check_one_row_per_example(batch, len(features), self.collate_fn)
+        return batch
 
 
 def is_empty_batch(inputs: dict) -> bool:
@@ -117,7 +123,7 @@ class PoissonDataLoader(DataLoader):
 def poisson_dataloader(dataset, collate_fn, sample_rate: float, steps_per_epoch: int, args, seed: int) -> PoissonDataLoader:
     """This rank's loader of Poisson-sampled logical batches for ``TrainingArguments`` ``args`` (micro-batches per
     ``gradient_accumulation_steps``, shares per ``world_size``/``process_index``); empty micro-batches collate to
-    :data:`EMPTY_BATCH_KEY`."""
+    :data:`EMPTY_BATCH_KEY`, other batches must have one row per example drawn."""
     sampler = PoissonBatchSampler(
         num_examples=len(dataset),
         sample_rate=sample_rate,
@@ -130,7 +136,7 @@ def poisson_dataloader(dataset, collate_fn, sample_rate: float, steps_per_epoch:
     return PoissonDataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=EmptySafeCollator(collate_fn),
+        collate_fn=PrivateCollator(collate_fn),
         num_workers=args.dataloader_num_workers,
         pin_memory=args.dataloader_pin_memory,
     )

@@ -7,7 +7,8 @@ How it plugs into the Trainer's loop (transformers 5.x):
   arguments and ``DPConfig`` are never modified.
 - ``get_train_dataloader``: Poisson-sampled logical batches (:class:`~.sampling.PoissonBatchSampler`), split into
   ``gradient_accumulation_steps`` micro-batches and, under DDP, into one share per rank. The expected logical batch is
-  ``per_device_train_batch_size * gradient_accumulation_steps * world_size``.
+  ``per_device_train_batch_size * gradient_accumulation_steps * world_size``. Every collated micro-batch (Poisson or
+  shuffled) must have one row per example drawn (:class:`~.sampling.PrivateCollator`).
 - ``training_step``: per-example gradients of the trainable parameters (:class:`~.engine.PerExampleGradients`), each
   clipped to ``C``, summed into float32 accumulators (:class:`~.release.NoisyRelease`). No ``loss.backward()``; HF's
   ``num_items_in_batch`` is not computed (each example's loss is the mean over its own valid targets).
@@ -40,6 +41,7 @@ from hf_svd_plugins.dp.arguments import private_arguments
 from hf_svd_plugins.dp.budget import EpochKey, PrivacyBudget
 from hf_svd_plugins.dp.checkpoint import (
     LEGACY_STATE_NAME,
+    check_trial_not_pushed,
     dp_state_dict,
     prune_private_states,
     resume_private_state,
@@ -63,7 +65,7 @@ from hf_svd_plugins.dp.engine import PerExampleGradients
 from hf_svd_plugins.dp.per_sample import trainable_parameters
 from hf_svd_plugins.dp.plan import accounted_plan, planned_steps, steps_per_epoch, warn_shuffled_batches
 from hf_svd_plugins.dp.release import NoisyRelease
-from hf_svd_plugins.dp.sampling import is_empty_batch, poisson_dataloader
+from hf_svd_plugins.dp.sampling import PrivateCollator, is_empty_batch, poisson_dataloader
 from hf_svd_plugins.dp.seeds import derived_seed, secret_seed, shared_seed
 from hf_svd_plugins.lora import unwrap_model
 
@@ -245,8 +247,13 @@ class DPMixin:
     # ------------------------------------------------------------------------------------------------------ data
 
     def get_train_dataloader(self):
-        if not self.dp_config.poisson_sampling:
-            return super().get_train_dataloader()
+        if not self.dp_config.poisson_sampling:  # the Trainer's shuffled batches, still one row per example
+            user_collator = self.data_collator
+            self.data_collator = PrivateCollator(user_collator)  # read once, when the loader is built
+            try:
+                return super().get_train_dataloader()
+            finally:
+                self.data_collator = user_collator
         if self.train_dataset is None:
             raise ValueError("Trainer: training requires a train_dataset.")
         dataset, collator = self.train_dataset, self.data_collator
@@ -470,6 +477,7 @@ class DPMixin:
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
         check_callbacks(self.callback_handler.callbacks, self.train_dataset)
+        check_trial_not_pushed(self.args, kwargs.get("trial", args[0] if args else None))
         checkpoint = resume_from_checkpoint
         if checkpoint is True:
             from transformers.trainer_utils import get_last_checkpoint

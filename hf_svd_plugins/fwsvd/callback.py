@@ -10,8 +10,9 @@ Two modes:
 * ``"end"``: at ``on_train_end``, a pass over ``max_batches`` batches of the train dataloader on the fine-tuned
   weights (eval mode, one extra forward and backward per batch, no ``.grad`` touched).
 
-Under DDP and DeepSpeed ZeRO-2/3 every rank reads its own batches; the sums are all-reduced, so every rank ends with
-the Fisher of all ranks' batches. In ``"train"`` mode the sums are reduced after every recorded optimizer step into
+Under DDP, DeepSpeed ZeRO-2/3 and FSDP2 every rank reads its own batches; the sums are all-reduced, so every rank ends
+with the Fisher of all ranks' batches. The hooks read layer inputs and output gradients, which are whole under every
+layout (only weights are sharded), so the Fisher pass never gathers a weight. In ``"train"`` mode the sums are reduced after every recorded optimizer step into
 rank 0 (the other ranks restart from zero, so nothing is counted twice) and saved with every checkpoint
 (``TrainerState.stateful_callbacks``, float64 as base64): resuming continues the same sums.
 """
@@ -63,8 +64,9 @@ class FisherCallback(TrainerCallback, ExportableState):
             :func:`~hf_svd_plugins.fwsvd.fisher.estimate_fisher`.
         compress_ratio: if set, at ``on_train_end`` compress a copy of the model (adapters merged) with
             ``fwsvd_compress(method=compress_method, ratio=compress_ratio)`` and ``save_pretrained`` it to
-            ``output_dir`` (with the tokenizer). The Trainer's model is left unchanged. Under ZeRO-3 the weights are
-            gathered and rank 0 compresses and saves.
+            ``output_dir`` (with the tokenizer). The Trainer's model is left unchanged. Under ZeRO-3 and FSDP2 the
+            weights are gathered one at a time into a CPU copy on rank 0, which compresses and saves (FSDP1's
+            flattened weights are refused at ``on_train_begin``).
         compress_method: ``"fisher"`` or ``"svd"``.
         output_dir: where the compressed model is saved (required with ``compress_ratio``).
 
@@ -145,6 +147,10 @@ class FisherCallback(TrainerCallback, ExportableState):
                 raise ValueError("FisherCallback(mode='train') needs the model's own loss, but label_smoothing_factor "
                                  f"={args.label_smoothing_factor} replaces it: use mode='end'")
         inner = unwrap_model(model)
+        if self.compress_ratio is not None:
+            from hf_svd_plugins.fwsvd.compress import refuse_fsdp1
+
+            refuse_fsdp1(inner)  # before training, not after it
         layers = select_targets(inner, self.targets)
         self._accumulator = FisherAccumulator(inner, layers, per_example=self.per_example,
                                               chunk_bytes=self.chunk_bytes)
@@ -226,11 +232,11 @@ class FisherCallback(TrainerCallback, ExportableState):
         import copy
 
         from hf_svd_plugins.fwsvd.compress import fwsvd_compress
-        from hf_svd_plugins.lora import is_zero3_param
+        from hf_svd_plugins.lora import is_sharded
 
         inner = unwrap_model(model)
-        zero3 = any(is_zero3_param(p) for p in inner.parameters())
-        target = inner if zero3 else copy.deepcopy(inner)  # ZeRO-3: fwsvd_compress gathers a copy on rank 0
+        sharded = any(is_sharded(p) for p in inner.parameters())
+        target = inner if sharded else copy.deepcopy(inner)  # ZeRO-3/FSDP2: fwsvd_compress gathers a copy on rank 0
         importance = self.fisher if self.compress_method == "fisher" else None
         self.report = fwsvd_compress(target, self.compress_method, importance=importance, ratio=self.compress_ratio,
                                      targets=self.targets, progress=False)

@@ -24,7 +24,7 @@ from hf_svd_plugins.distributed import broadcast_, is_distributed, process_rank
 from hf_svd_plugins.fwsvd import core
 from hf_svd_plugins.fwsvd.lowrank import LowRankLinear, low_rank_like, mark_compressed, set_submodule
 from hf_svd_plugins.fwsvd.targets import TargetLayer, Targets, select_targets
-from hf_svd_plugins.lora import gathered_cpu_copy, is_zero3_param, merge_lora_adapters, unwrap_model
+from hf_svd_plugins.lora import gathered_cpu_copy, is_fsdp1_flattened, is_sharded, merge_lora_adapters, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ class CompressionReport:
         model_params_before / model_params_after: every parameter of the model, embeddings included (tied weights
             counted once).
         seconds: wall time of the call.
-        model: the compressed model (the merged base model for a PEFT input; under ZeRO-3 a CPU copy on rank 0 and
-            None on the other ranks).
+        model: the compressed model (the merged base model for a PEFT input; under ZeRO-3 and FSDP2 a CPU copy on
+            rank 0 and None on the other ranks).
 
     ``weighted_error`` is ``sqrt(sum_j I_j ||dW_j||^2 / sum_j I_j ||W_j||^2)`` for fisher, ``||dW X^T|| / ||W X^T||``
     on the calibration inputs for whiten, the plain error for svd; ``plain_error`` is ``||W - W'||_F / ||W||_F``.
@@ -150,6 +150,14 @@ def _check_arguments(method, ratio, param_budget, ranks, rank_multiple, damping,
         raise ValueError(f"importance= is only used by method='fisher', not {method!r}")
 
 
+def refuse_fsdp1(model: nn.Module) -> None:
+    """Raise if FSDP1 has flattened the weights: they cannot be read layer by layer (FSDP2's DTensors can)."""
+    if any(is_fsdp1_flattened(p) for p in model.parameters()):
+        raise ValueError("FWSVD cannot compress weights flattened by FSDP1 (FullyShardedDataParallel): use FSDP2 "
+                         "(`fsdp_version: 2`, see accelerate_configs/fsdp.yaml), DeepSpeed ZeRO-3 or DDP, or compress "
+                         "the saved full checkpoint in one process (`hf-svd compress`)")
+
+
 def _check_importance(importance: Mapping, layers: list[TargetLayer]) -> dict[str, torch.Tensor]:
     missing = [t.name for t in layers if t.name not in importance]
     if missing:
@@ -205,7 +213,7 @@ class _Matrices:
     """Yields ``(layer, M = W L, gram or None)`` for every layer; ``M`` None on processes that do not compute.
 
     ``weights`` are the layers of the model whose weights are factorized (merged, or rank 0's gathered copy); the
-    whitening Grams are read on ``stats_model`` (the merged model, or the ZeRO-3-sharded original on every rank).
+    whitening Grams are read on ``stats_model`` (the merged model, or the ZeRO-3/FSDP2-sharded original on every rank).
     """
 
     def __init__(self, method, layers, weights, importance, stats_model, stats_layers, batches, plan, damping):
@@ -275,9 +283,10 @@ def fwsvd_compress(model: nn.Module, method: str = "fisher", importance: Mapping
     Args:
         model: a transformers model, a PEFT model (its adapters are merged first; the merged base model is
             ``report.model``), or any ``nn.Module``. Under DDP every rank calls with its own calibration shard (the
-            statistics are all-reduced, rank 0's factors broadcast). Under DeepSpeed ZeRO-3 every rank must call; the
-            weights are gathered and rank 0 gets a compressed CPU copy in ``report.model`` (the sharded model is left
-            as it is; other ranks get None).
+            statistics are all-reduced, rank 0's factors broadcast). Under DeepSpeed ZeRO-3 and FSDP2 (DTensor
+            shards) every rank must call; the weights are gathered one at a time (``GatheredParameters`` /
+            ``full_tensor()``) and rank 0 gets a compressed CPU copy in ``report.model`` (the sharded model is left
+            as it is; other ranks get None). FSDP1's flattened weights are refused.
         method: ``fisher`` (FWSVD: minimise ``sum_j I_j ||W_j - W'_j||^2``), ``svd`` (plain truncated SVD) or
             ``whiten`` (SVD-LLM: minimise ``||(W - W') X^T||`` on the calibration inputs).
         importance: ``{layer: (d_in,)}`` Fisher sums for ``fisher`` (from :func:`estimate_fisher` or
@@ -308,6 +317,7 @@ def fwsvd_compress(model: nn.Module, method: str = "fisher", importance: Mapping
     if isinstance(memory_gb, bool) or not isinstance(memory_gb, (int, float)) or not memory_gb > 0:
         raise ValueError(f"memory_gb must be a number > 0, got {memory_gb!r}")
     inner = unwrap_model(model)
+    refuse_fsdp1(inner)
     if ranks is not None:
         targets = "|".join(re.escape(name) for name in ranks)
     layers = select_targets(inner, targets)
@@ -326,10 +336,10 @@ def fwsvd_compress(model: nn.Module, method: str = "fisher", importance: Mapping
                              "(lower rank_multiple to go further)")
     batches = _materialize(calibration, max_batches)
 
-    zero3 = any(is_zero3_param(t.layer.weight) for t in layers)
-    replicated = is_distributed() and not zero3
+    sharded = any(is_sharded(t.layer.weight) for t in layers)  # ZeRO-3 partitions or FSDP2 DTensor shards
+    replicated = is_distributed() and not sharded
     params_before = count_parameters(inner)
-    # Statistics are read on the model as it is (PEFT adapters active, or ZeRO-3 shards); weights on the merged one.
+    # Statistics are read on the model as it is (PEFT adapters active, or ZeRO-3/FSDP2 shards); weights on the merged one.
     if method == "fisher" and importance is None:
         from hf_svd_plugins.fwsvd.fisher import estimate_fisher
 
@@ -339,7 +349,7 @@ def fwsvd_compress(model: nn.Module, method: str = "fisher", importance: Mapping
         from hf_svd_plugins.fwsvd.calibration import plan_streams
 
         plan = plan_streams(inner, layers, batches[0], memory_gb)
-    if zero3:
+    if sharded:
         copy = gathered_cpu_copy(inner)
         weights_model = merge_lora_adapters(copy) if copy is not None else None
         stats_model, stats_layers = inner, layers
@@ -347,7 +357,7 @@ def fwsvd_compress(model: nn.Module, method: str = "fisher", importance: Mapping
         weights_model = stats_model = merge_lora_adapters(inner)
         stats_layers = select_targets(weights_model, targets)
     weight_layers = select_targets(weights_model, targets) if weights_model is not None else []
-    computing = {t.name: t for t in weight_layers} if (zero3 or process_rank() == 0) else {}
+    computing = {t.name: t for t in weight_layers} if (sharded or process_rank() == 0) else {}
     matrices = _Matrices(method, layers, computing, importance, stats_model, stats_layers, batches, plan, damping)
 
     if ratio is not None:

@@ -81,7 +81,8 @@ def native_fsdp2_model(out: str, single: bool) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
-    path = os.path.join(out, f"base{process_rank() if not single else 's'}")
+    # the launcher's RANK: the process group does not exist yet, so process_rank() would be 0 on every rank
+    path = os.path.join(out, f"base{os.environ.get('RANK', '0') if not single else 's'}")
     tiny_model("llama", spectral_decay=0.7).save_pretrained(path)  # one copy per process: no race between ranks
     config = {} if single else {"distributed_config": DistributedConfig(fsdp_size=2)}
     base = AutoModelForCausalLM.from_pretrained(path, **config)
