@@ -52,7 +52,7 @@ def _section(outcome: StepOutcome, output_dir: str) -> str:
     if outcome.result is None:
         return f"{head}\n**Failed**: `{outcome.error}`\n"
     res = outcome.result
-    parts = [head, markdown_table(res.headers, res.rows)]
+    parts = [head, markdown_table(res.headers, res.rows), ""]
     parts += [f"- {note}" for note in res.notes]
     if res.artefacts:
         parts.append("\nSaved: " + ", ".join(f"{k} `{os.path.relpath(v, output_dir)}`" for k, v in res.artefacts.items()))
