@@ -62,7 +62,7 @@ def console_table(headers: list[str], rows: list[list[str]]) -> str:
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
     rule = "  ".join("-" * w for w in widths)
     body = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(["  " + line, "  " + rule, *("  " + b for b in body)])
+    return "\n".join(("  " + text).rstrip() for text in [line, rule, *body])
 
 
 def bar_callback(bar):
