@@ -66,29 +66,15 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------- MLP on digits
 
 def digits_data():
-    from sklearn.datasets import load_digits
+    from hf_svd_plugins.examples import digits_splits
 
-    x, y = load_digits(return_X_y=True)
-    order = np.random.default_rng(0).permutation(len(y))
-    x, y = torch.tensor(x[order] / 16.0, dtype=torch.float32), torch.tensor(y[order])
-    x = (x - x[:1437].mean(0)) / (x[:1437].std(0) + 1e-3)
-    return (x[:1437], y[:1437]), (x[1437:], y[1437:])
+    return digits_splits()
 
 
 def train_mlp(seed: int, train, width: int, epochs: int) -> nn.Sequential:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                          nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x, y = train
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=g).split(64):
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    from hf_svd_plugins.examples import train_digits_mlp
+
+    return train_digits_mlp(seed, train, width, epochs)
 
 
 # --------------------------------------------------------------------------- character LMs on Hamlet

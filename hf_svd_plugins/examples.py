@@ -247,13 +247,15 @@ class FinetuneResult:
 
 
 def finetune_sentiment(init: str = "eva", steps: int = 150, r: int = 8, batch_size: int = 16, lr: float = 5e-4,
-                       seed: int = 0, output_dir: str | None = None, logging_steps: int = 10) -> FinetuneResult:
+                       seed: int = 0, output_dir: str | None = None, logging_steps: int = 10,
+                       callbacks: list | None = None) -> FinetuneResult:
     """Fine-tune MiniLM + LoRA on Rotten Tomatoes with one of ``eva`` (our ``EvaCallback``, rho=2), ``default``
-    (PEFT's init) or ``pissa``; returns the logged training losses and test accuracy."""
+    (PEFT's init) or ``pissa``; returns the logged training losses and test accuracy. ``callbacks`` are added to
+    the Trainer's; nothing is printed (no log dicts, no progress bar)."""
     import tempfile
 
     import numpy as np
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
 
     from hf_svd_plugins.eva import EvaCallback
 
@@ -262,7 +264,8 @@ def finetune_sentiment(init: str = "eva", steps: int = 150, r: int = 8, batch_si
         raise ValueError(f"init must be one of {sorted(inits)}, got {init!r}")
     model, tokenizer = minilm_lora_classifier(r, inits[init], seed=seed)
     train, test = rotten_tomatoes(seed=seed)
-    callbacks = [EvaCallback(rho=2.0, tau=0.99, show_progress_bar=False)] if init == "eva" else []
+    callbacks = [*([EvaCallback(rho=2.0, tau=0.99, show_progress_bar=False)] if init == "eva" else []),
+                 *(callbacks or [])]
     args = TrainingArguments(
         output_dir or tempfile.mkdtemp(prefix=f"hf_svd_{init}_"), per_device_train_batch_size=batch_size,
         max_steps=steps, learning_rate=lr, logging_steps=logging_steps, report_to=[], use_cpu=True,
@@ -271,6 +274,7 @@ def finetune_sentiment(init: str = "eva", steps: int = 150, r: int = 8, batch_si
     )
     trainer = Trainer(model=model, args=args, train_dataset=TokenizedClassification(train, tokenizer),
                       data_collator=DataCollatorWithPadding(tokenizer), callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # disable_tqdm makes the Trainer print raw log dicts otherwise
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -278,6 +282,50 @@ def finetune_sentiment(init: str = "eva", steps: int = 150, r: int = 8, batch_si
     preds = trainer.predict(TokenizedClassification(test, tokenizer))
     accuracy = float((np.argmax(preds.predictions, -1) == preds.label_ids).mean())
     return FinetuneResult(init, losses, accuracy, seconds, trainer)
+
+
+def digits_splits():
+    """scikit-learn's packaged 8x8 digits as float tensors: ``((x_train, y_train), (x_test, y_test))``, 1,437 / 360
+    in a fixed shuffled order, pixels standardised with the training split's mean and std."""
+    import numpy as np
+    import torch
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(y))
+    x, y = torch.tensor(x[order] / 16.0, dtype=torch.float32), torch.tensor(y[order])
+    x = (x - x[:1437].mean(0)) / (x[:1437].std(0) + 1e-3)
+    return (x[:1437], y[:1437]), (x[1437:], y[1437:])
+
+
+def digits_mlp(width: int = 128):
+    """``64 -> width -> width -> width -> 10`` ReLU MLP (``nn.Sequential``), the Git Re-Basin MNIST MLP in miniature."""
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                         nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def train_digits_mlp(seed: int, train, width: int = 128, epochs: int = 40, on_epoch=None):
+    """:func:`digits_mlp` trained from ``seed`` with Adam (lr 1e-3, batch 64) for ``epochs`` passes over ``train``
+    (``(x, y)`` from :func:`digits_splits`); ``on_epoch()`` is called after each pass. Returns it in eval mode."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    model = digits_mlp(width)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = train
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=g).split(64):
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if on_epoch is not None:
+            on_epoch()
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------ private LoRA that learns

@@ -25,7 +25,7 @@ def test_cli_rejects_bad_arguments():
     from hf_svd_plugins.cli import main
 
     with pytest.raises(SystemExit):
-        main(["demo", "--steps", "0"])
+        main(["demo", "--methods", "nope"])
     with pytest.raises(SystemExit):
         main([])
 
