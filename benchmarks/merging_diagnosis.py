@@ -90,6 +90,9 @@ def main() -> None:
         report("naive (identity)", {n: torch.arange(spec.perm_shape(n)[-1]).expand(spec.perm_shape(n)).clone()
                                     for n in spec.perms})
         print(f"  WM default: objective per pass {[round(v, 2) for v in wm.objective]}")
+        again = match_states(sa, sb, spec, init=wm.perms, compute_dtype=torch.float64)
+        same = all(torch.equal(wm.perms[n], again.perms[n]) for n in spec.perms)
+        print(f"  WM restarted in float64 at its result: passes {again.passes}, same permutations {same}")
         report("WM default", wm.perms)
         norm = ("ln_", "norm")
         for label, scale in (("WM, every weight at unit norm", lambda k, t: t / t.norm()),
