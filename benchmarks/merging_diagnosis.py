@@ -5,6 +5,9 @@ models ``benchmarks/merging.py`` trained (``--out`` of that run, pair of seeds 0
   alignment recovered bit for bit, zero barrier (a spec or permutation bug would show here).
 * ``variants``: the objective per weight (identity -> WM; layer-norm gains are a near-constant term), and WM with
   every weight scaled to unit Frobenius norm, with the norm gains left out, without the warm start, with other seeds.
+* ``anchor`` (GPT-2): the rank of the warm start's residual cost (``wte`` and ``wpe`` rows only), and WM from a
+  data-free start that sees every residual weight (rows compared as sorted multisets, invariant to the order of
+  the weight's other axis).
 * ``search``: is coordinate descent stuck? WM from activation matching's and STE's permutations, and from random
   restarts: objective vs held-out barrier.
 
@@ -32,7 +35,8 @@ from hf_svd_plugins.merging import (  # noqa: E402
 )
 from hf_svd_plugins.merging.diagnostics import interpolation_path  # noqa: E402
 from hf_svd_plugins.merging.inputs import model_state  # noqa: E402
-from hf_svd_plugins.merging.permute import permute_state  # noqa: E402
+from hf_svd_plugins.merging.matching import MatchResult, _Matcher, factor_matrix  # noqa: E402
+from hf_svd_plugins.merging.permute import check_permutations, entry_view, permute_state  # noqa: E402
 
 
 def main() -> None:
@@ -103,6 +107,14 @@ def main() -> None:
         report("WM without warm start", match_states(sa, sb, spec, warm_start=False).perms)
         for seed in (1, 2):
             report(f"WM seed {seed}", match_states(sa, sb, spec, seed=seed).perms)
+    if "anchor" in args.checks and args.family == "gpt2":
+        anchor_a = torch.cat([a.transformer.wte.weight, a.transformer.wpe.weight]).detach().double()
+        anchor_b = torch.cat([b.transformer.wte.weight, b.transformer.wpe.weight]).detach().double()
+        singular = torch.linalg.svdvals(anchor_a.T @ anchor_b)
+        print(f"  warm-start residual cost: {anchor_a.shape[0]} embedding rows, rank "
+              f"{int((singular > singular[0] * 1e-10).sum())} of {singular.numel()}")
+        report("WM default", wm.perms)
+        report("WM from the sorted-row start", sorted_row_start(sa, sb, spec))
     if "search" in args.checks:
         for method in ("activation", "ste"):
             perms = align_models([a, b], method=method, data=calib, seed=0).perms[1]
@@ -114,6 +126,29 @@ def main() -> None:
         values, bars = np.array(rows).T
         print(f"  random starts: barrier at the best objective {bars[values.argmax()]:.4f}, lowest {bars.min():.4f}, "
               f"corr(objective, barrier) {np.corrcoef(values, bars)[0, 1]:.2f}")
+
+
+def sorted_row_start(sa, sb, spec):
+    """Residual stream from every weight touching it (rows as sorted multisets where the other axis is permuted),
+    then each other top-level permutation given it, then coordinate descent."""
+    from scipy.optimize import linear_sum_assignment
+
+    size = spec.perms["res"].size
+    cost = torch.zeros(size, size, dtype=torch.float64)
+    for index, axis, factor in spec.touching("res"):
+        entry = spec.entries[index]
+        rows_a = factor_matrix(entry_view(sa[entry.param], entry), entry, axis, factor, spec).double()
+        rows_b = factor_matrix(entry_view(sb[entry.param], entry), entry, axis, factor, spec).double()
+        if any(p is not None for k, ax in enumerate(entry.axes) if k != axis for p, _ in ax):
+            rows_a, rows_b = rows_a.sort(dim=1).values, rows_b.sort(dim=1).values
+        cost += rows_a @ rows_b.T
+    res = torch.from_numpy(linear_sum_assignment(cost.numpy(), maximize=True)[1]).long()
+    matcher = _Matcher(sa, sb, spec, check_permutations(spec, {}), torch.float32, torch.device("cpu"))
+    matcher._reindex("res", res)
+    for name in spec.perms:
+        if name != "res" and spec.perms[name].parent is None:
+            matcher.step(name, 1e-6, MatchResult(perms={}))
+    return match_states(sa, sb, spec, init=matcher.perms).perms
 
 
 if __name__ == "__main__":
