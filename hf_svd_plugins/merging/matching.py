@@ -259,7 +259,9 @@ class _Matcher:
         From the identity, the first cost of a hub such as the residual stream sums every weight it touches, nearly
         all of them still in their unaligned order: that noise outweighs the embeddings' signal and the search
         settles in a poor optimum (tiny GPT-2 on Hamlet, d_model 128: barrier 2.59 nats, worse than naive's 2.33,
-        vs 1.21 from this start).
+        vs 1.21 from this start). The anchored cost has rank at most the anchored rows (vocabulary + positions): when
+        d_model exceeds them (character-level GPT-2, d_model 256: rank 130), part of the residual stream is matched
+        arbitrarily here and the barrier can end above naive's (docs/merging.md, "Why the language-model cut is small").
         """
         for name, entries in anchored.items():
             t0 = time.perf_counter()
