@@ -81,7 +81,7 @@ def client_shards(args: argparse.Namespace):
     from transformers import AutoTokenizer
 
     from hf_svd_plugins.examples import LabelledText, TokenizedClassification, minilm_path, rotten_tomatoes
-    from hf_svd_plugins.fedsvd.core import partition_dirichlet
+    from hf_svd_plugins.fedsvd import partition_dirichlet
 
     train, test = rotten_tomatoes(seed=args.seed)
     train = LabelledText(train.text[: args.train_size], train.label[: args.train_size])

@@ -92,3 +92,30 @@ def test_real_two_process_gloo_results():
         assert torch.equal(b, torch.tensor([30.0], dtype=torch.float64))
         assert seed == 1000 and flag is True and torch.equal(w, torch.ones(4))
         assert (r, ws) == (rank, 2)
+
+
+def test_lora_writes_reach_collectives_only_through_the_helper_on_the_group_device(monkeypatch):
+    """lora.py's broadcasts (replicated LoRA weights, optimizer state) hand the collective a tensor on the group's
+    device (a stand-in for CUDA under NCCL), never the CPU tensor they hold."""
+    from tiny import tiny_lora_model
+
+    from hf_svd_plugins.lora import assign_lora_weights, find_lora_pairs, write_optimizer_state
+
+    seen = []
+
+    def collective(tensor, *args, **kwargs):
+        seen.append(tensor.device)
+        raise _Handed
+
+    pairs = find_lora_pairs(tiny_lora_model("llama"))
+    opt = torch.optim.SGD([pairs[0].B], lr=0.1, momentum=0.9)
+    pairs[0].B.grad = torch.ones_like(pairs[0].B)
+    opt.step()
+    monkeypatch.setattr(hd, "is_distributed", lambda: True)
+    monkeypatch.setattr(hd, "collective_device", lambda group=None: torch.device("meta"))
+    monkeypatch.setattr(dist, "broadcast", collective)
+    with pytest.raises(_Handed):
+        assign_lora_weights(pairs[:1], {pairs[0].name: (torch.zeros(pairs[0].A.shape), None)})
+    with pytest.raises(_Handed):
+        write_optimizer_state(opt, [pairs[0].B], [{"momentum_buffer": torch.zeros(pairs[0].B.shape)}])
+    assert seen == [torch.device("meta")] * 2

@@ -66,7 +66,7 @@ def test_callback_keeps_logits_and_resets_optimizer_state(tmp_path, kind):
     model = tiny_lora_model(kind, r=4)
     batch = tiny_batches(1, 4)[0]
     before, after = Probe(batch), type("ProbeAfter", (Probe,), {})(batch)
-    cb = FedSVDCallback(every_n_steps=2, log_top_singular_values=2)
+    cb = FedSVDCallback(every_n_steps=2, optimizer_state="reset", log_top_singular_values=2)
     trainer = Trainer(
         model=model,
         args=_args(tmp_path, max_steps=4),
@@ -120,7 +120,7 @@ def test_callback_keep_optimizer_state_policy_and_unfrozen_a(tmp_path):
     model = tiny_lora_model("llama", r=4)
     batch = tiny_batches(1, 4)[0]
     after = Probe(batch)
-    cb = FedSVDCallback(every_n_steps=1, reset_optimizer_state=False, freeze_a=False, log_top_singular_values=0)
+    cb = FedSVDCallback(every_n_steps=1, optimizer_state="keep", freeze_a=False, log_top_singular_values=0)
     trainer = Trainer(
         model=model,
         args=_args(tmp_path, max_steps=2),
@@ -172,6 +172,10 @@ def test_freeze_lora_a_and_bad_arguments():
         FedSVDCallback(log_top_singular_values=-1)
     with pytest.raises(ValueError, match="reset_optimizer_state"):
         FedSVDCallback(reset_optimizer_state="sometimes")
+    with pytest.raises(ValueError, match="optimizer_state must be one of"):
+        FedSVDCallback(optimizer_state="rotate")
+    with pytest.warns(FutureWarning, match="deprecated"):
+        assert FedSVDCallback(reset_optimizer_state=True).optimizer_state == "reset"
 
 
 def test_callback_resume_equals_uninterrupted(tmp_path):
@@ -269,7 +273,7 @@ def test_callback_with_dp_trainer(tmp_path):
     model = tiny_lora_model("bert", r=4)
     batch = tiny_batches(1, 4, kind="cls")[0]
     before, after = Probe(batch), type("ProbeAfter", (Probe,), {})(batch)
-    cb = FedSVDCallback(every_n_steps=2)
+    cb = FedSVDCallback(every_n_steps=2, optimizer_state="reset")
     trainer = dp.DPTrainer(
         model=model,
         args=_args(tmp_path, max_steps=4, max_grad_norm=0.0),
@@ -292,3 +296,34 @@ def test_callback_with_dp_trainer(tmp_path):
         gram = p.A.double() @ p.A.double().T
         torch.testing.assert_close(gram, torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
     assert trainer.accountant.steps == 4 and trainer.get_epsilon() > 0
+
+
+def test_callback_logs_do_not_swallow_the_trainers_loss_log(tmp_path):
+    """Trainer.log from inside on_step_end used to clear control.should_log: the step's loss entry vanished."""
+    trainer = Trainer(
+        model=tiny_lora_model("llama", r=4),
+        args=_args(tmp_path, max_steps=4, logging_steps=1),
+        train_dataset=TinyTokenDataset(n=32),
+        data_collator=pad_collate,
+        callbacks=[FedSVDCallback(every_n_steps=2)],
+    )
+    trainer.train()
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [1, 2, 3, 4]
+    assert [h["step"] for h in trainer.state.log_history if "fedsvd/refactorizations" in h] == [2, 4]
+
+
+def test_refactorize_in_chunks_equals_all_at_once(monkeypatch):
+    """Pairs are gathered and refactorized in bounded chunks; one pair per chunk gives the same weights."""
+    import hf_svd_plugins.fedsvd.callback as callback
+
+    whole, chunked = tiny_lora_model("llama", r=4), tiny_lora_model("llama", r=4)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p, q in zip(find_lora_pairs(whole), find_lora_pairs(chunked), strict=True):
+            q.B.copy_(p.B.copy_(torch.randn(p.B.shape, generator=g)))
+    refactorize_lora_model(whole)
+    monkeypatch.setattr(callback, "_CHUNK_NUMEL", 1)
+    assert len(callback._chunks(find_lora_pairs(chunked))) == len(find_lora_pairs(chunked))
+    refactorize_lora_model(chunked)
+    a, b = read_lora_weights(find_lora_pairs(whole)), read_lora_weights(find_lora_pairs(chunked))
+    assert all(torch.equal(a[n][0], b[n][0]) and torch.equal(a[n][1], b[n][1]) for n in a)

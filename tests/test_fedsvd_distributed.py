@@ -1,7 +1,9 @@
 """FedSVDCallback under real 2-process CPU runs (accelerate launch, gloo): DDP, DeepSpeed ZeRO-2 and ZeRO-3.
 
-Every rank ends bitwise identical, A has orthonormal rows, logits are unchanged by each refactorization and the
-optimizer moments are reset (DeepSpeed: the base optimizer's flat state is zeroed).
+Every rank ends bitwise identical, A has orthonormal rows, logits are unchanged by each refactorization and, with
+``optimizer_state="reset"``, the optimizer moments are reset (DeepSpeed: the base optimizer's flat state is zeroed).
+Under DeepSpeed with bf16 weights: only the refactorized parameters' fp32 masters are written, from the masters, and
+Adam's first moments are carried into the new basis through DeepSpeed's flat state.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from launch import DDP_FLAGS, REPO, accelerate_launch, config_flags
@@ -64,7 +67,7 @@ SCRIPT = textwrap.dedent(
     )
     trainer = Trainer(
         model=model, args=args, train_dataset=TinyTokenDataset(n=32), data_collator=pad_collate,
-        callbacks=[before, FedSVDCallback(every_n_steps=2), after, opt],
+        callbacks=[before, FedSVDCallback(every_n_steps=2, optimizer_state="reset"), after, opt],
     )
     trainer.train()
     rank = trainer.args.process_index
@@ -107,3 +110,106 @@ def test_callback_two_processes_ranks_identical(tmp_path, mode):
         assert r["logit_diff"] < 1e-5
         assert r["opt_empty"] == {1: False, 2: True, 3: False, 4: True}
         assert not r["a_trainable"]
+
+
+BF16_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    torch.set_num_threads(1)
+    from deepspeed.utils import safe_get_full_fp32_param
+    from tiny import TinyTokenDataset, pad_collate, tiny_lora_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from hf_svd_plugins.fedsvd import FedSVDCallback
+    from hf_svd_plugins.lora import find_lora_pairs, read_lora_weights, read_optimizer_state
+
+    out, kind = sys.argv[1], sys.argv[2]
+
+    class Odd(torch.nn.Module):
+        # LoRA r=3 on a 5 -> 7 Linear: A and B have 15 and 21 entries, which ZeRO-3 splits unevenly over 2 ranks
+        def __init__(self):
+            super().__init__()
+            self.lin, self.head = torch.nn.Linear(5, 7), torch.nn.Linear(7, 97)
+
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            x = torch.nn.functional.one_hot(input_ids % 5, 5).to(self.lin.weight.dtype)
+            logits = self.head(torch.tanh(self.lin(x)))
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+            return {{"loss": loss, "logits": logits}}
+
+    def norm_weight(model):  # a trainable parameter that no refactorization touches
+        suffix = "model.norm.weight" if kind == "llama" else "head.weight"
+        return next(p for n, p in model.named_parameters() if n.endswith(suffix))
+
+    class Masters(TrainerCallback):
+        # fp32 masters of every B and of the (trainable, never refactorized) final norm, the 16-bit weights and
+        # B's Adam moments, at on_step_end (one instance before the FedSVD callback, one after)
+
+        def __init__(self):
+            self.records = {{}}
+
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
+            pairs = find_lora_pairs(model)
+            self.records[state.global_step] = {{
+                "b_master": [safe_get_full_fp32_param(p.B).clone() for p in pairs],
+                "norm_master": safe_get_full_fp32_param(norm_weight(model)).clone(),
+                "weights": read_lora_weights(pairs),
+                "opt_b": read_optimizer_state(optimizer, [p.B for p in pairs]),
+            }}
+
+    before, after = Masters(), type("After", (Masters,), {{}})()
+    if kind == "llama":
+        model = tiny_lora_model("llama", r=4)
+    else:
+        from peft import LoraConfig, get_peft_model
+        torch.manual_seed(0)
+        model = get_peft_model(Odd(), LoraConfig(r=3, lora_alpha=6, target_modules=["lin"]))
+    norm_weight(model).requires_grad_(True)
+    args = TrainingArguments(
+        output_dir=out, per_device_train_batch_size=4, max_steps=4, learning_rate=2e-2, use_cpu=True, bf16=True,
+        report_to=[], save_strategy="no", logging_steps=100, disable_tqdm=True, seed=0,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=TinyTokenDataset(n=32), data_collator=pad_collate,
+        callbacks=[before, FedSVDCallback(every_n_steps=2), after],
+    )
+    trainer.train()
+    assert find_lora_pairs(model)[0].B.dtype == torch.bfloat16
+    torch.save({{"before": before.records, "after": after.records}}, os.path.join(out, f"rank{{trainer.args.process_index}}.pt"))
+    """
+)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("mode,kind", [("zero2", "llama"), ("zero3", "llama"), ("zero3", "odd")])
+def test_deepspeed_bf16_masters_of_only_the_refactorized_weights_are_written(tmp_path, mode, kind):
+    """bf16 weights, fp32 masters: a refactorization sets B's masters to the float32 refactorization of B's *master*
+    (not of its bf16 copy, not rounded to bf16), leaves every other master bitwise alone (it used to refresh them all
+    from the bf16 weights), and carries B's Adam moments into the new basis through DeepSpeed's flat state. ``odd``:
+    parameters that ZeRO-3 splits unevenly (DeepSpeed's full-value setter reads past the end there)."""
+    pytest.importorskip("deepspeed")
+    script = tmp_path / "fedsvd_bf16.py"
+    script.write_text(BF16_SCRIPT.format(tests=TESTS))
+    accelerate_launch([*LAUNCH[mode], "--mixed_precision", "bf16"], script, tmp_path, kind)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for step in (2, 4):
+        rb, ra = r0["before"][step], r0["after"][step]
+        assert torch.equal(ra["norm_master"], rb["norm_master"])
+        assert not torch.equal(rb["norm_master"], rb["norm_master"].bfloat16().float())  # it has fp32 precision
+        for i, name in enumerate(rb["weights"]):
+            a_old = rb["weights"][name][0].double().numpy()
+            a_new = ra["weights"][name][0].double().numpy()
+            b_master = rb["b_master"][i].double().numpy()
+            r = a_old.shape[0]
+            u, s, vt = np.linalg.svd(b_master @ a_old, full_matrices=False)
+            signs = np.sign(np.sum(vt[:r] * a_new, axis=1))  # A' = V^T up to bf16 rounding and a sign per row
+            np.testing.assert_allclose(ra["b_master"][i].double().numpy(), u[:, :r] * s[:r] * signs,
+                                       rtol=0, atol=1e-6 * s[0])
+            w = np.linalg.lstsq(a_old.T, a_new.T, rcond=None)[0]
+            m_old = rb["opt_b"][i]["exp_avg"].double().numpy()
+            np.testing.assert_allclose(ra["opt_b"][i]["exp_avg"].double().numpy(), m_old @ w, rtol=1e-4,
+                                       atol=1e-6 * np.abs(m_old).max())
+        other = r1["after"][step]
+        assert torch.equal(ra["norm_master"], other["norm_master"])
+        assert all(torch.equal(x, y) for x, y in zip(ra["b_master"], other["b_master"], strict=True))

@@ -379,3 +379,59 @@ def test_dp_clients_target_epsilon_covers_the_whole_federation(tmp_path):
     kw["trainer_kwargs"] = {"dp_config": dp.DPConfig(**{**config.to_dict(), "total_steps": None})}
     with pytest.raises(ValueError, match="total_steps=rounds"):
         Federation(tiny_lora_model("bert", r=4), output_dir=str(tmp_path / "b"), **kw)
+
+
+# --------------------------------------------------------------------------------------------- client callbacks
+
+
+def test_callbacks_that_write_lora_weights_are_refused_in_clients(tmp_path):
+    """EvaCallback in a client would re-initialise A there, away from the server's global A (silently, with rho=1)."""
+    from transformers import TrainerCallback
+
+    from hf_svd_plugins.eva import EvaCallback
+    from hf_svd_plugins.fedsvd import FedSVDCallback
+
+    class MyInit(TrainerCallback):
+        writes_lora_weights = True
+
+    class LoggingEva(EvaCallback):  # recognised through its base class, without the package importing eva
+        pass
+
+    for callback in (EvaCallback(rho=1.0), LoggingEva, FedSVDCallback(), MyInit()):
+        name = callback.__name__ if isinstance(callback, type) else type(callback).__name__
+        with pytest.raises(ValueError, match=f"contains {name}, which writes LoRA weights.*eva_init"):
+            _federation(tmp_path, trainer_kwargs={"callbacks": [callback]})
+    _federation(tmp_path, trainer_kwargs={"callbacks": [TrainerCallback()]})  # anything else is fine
+
+    pytest.importorskip("flwr")
+    from hf_svd_plugins.fedsvd.flower import make_client_app
+
+    with pytest.raises(ValueError, match="contains EvaCallback"):
+        make_client_app(lambda: None, lambda i, n: None, trainer_kwargs={"callbacks": [EvaCallback()]})
+
+
+def test_partitions_live_on_the_federation_side_and_old_imports_still_work():
+    import hf_svd_plugins.fedsvd.core as core
+    from hf_svd_plugins.fedsvd import partition
+
+    assert partition_iid is partition.partition_iid and partition_dirichlet is partition.partition_dirichlet
+    with pytest.warns(DeprecationWarning, match="moved to hf_svd_plugins.fedsvd.partition"):
+        assert core.partition_iid is partition.partition_iid
+    with pytest.raises(AttributeError):
+        core.no_such_name  # noqa: B018
+
+
+def test_eva_init_before_the_federation_is_the_round_zero_adapter(tmp_path):
+    """The documented way to combine EVA with a federation: initialise once, then federate from it."""
+    from tiny import tiny_batches
+
+    from hf_svd_plugins.eva import eva_init
+
+    model = tiny_lora_model("llama", r=4, spectral_decay=0.7)
+    eva_init(model, tiny_batches(3, 8), rho=2.0, tau=1.0, min_batches=3, max_batches=3, show_progress_bar=False)
+    initial = read_lora_weights(find_lora_pairs(model))
+    fed = Federation(model, TinyTokenDataset(n=48), num_clients=2, method="fedsvd", local_steps=2,
+                     data_collator=pad_collate, training_args=TRAIN, output_dir=str(tmp_path), seed=0)
+    assert all(torch.equal(fed.global_weights[n][0], a) for n, (a, _) in initial.items())
+    fed.run(1)
+    assert all(float(b.abs().max()) > 0 for _, b in fed.global_weights.values())

@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, MetricRecord, Rec
 from safetensors.torch import load_file  # noqa: E402
 
 from hf_svd_plugins.fedsvd import Federation  # noqa: E402
-from hf_svd_plugins.fedsvd.federation import set_trainable_for_method, trainable_extra_names  # noqa: E402
+from hf_svd_plugins.fedsvd.client import set_trainable_for_method, trainable_extra_names  # noqa: E402
 from hf_svd_plugins.fedsvd.flower import (  # noqa: E402
     CLIENT_STATE_KEY,
     FedSVD,

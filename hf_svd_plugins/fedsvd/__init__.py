@@ -6,19 +6,25 @@
 
 from __future__ import annotations
 
-from hf_svd_plugins.fedsvd.callback import FedSVDCallback, freeze_lora_A, refactorize_lora_model, reset_optimizer_state
+from hf_svd_plugins.fedsvd.callback import (
+    OPTIMIZER_STATE_POLICIES,
+    FedSVDCallback,
+    freeze_lora_A,
+    refactorize_lora_model,
+    reset_optimizer_state,
+)
 from hf_svd_plugins.fedsvd.core import (
     METHODS,
     aggregate_lora,
     aggregate_weighted,
-    partition_dirichlet,
-    partition_iid,
     refactorize,
 )
 from hf_svd_plugins.fedsvd.federation import Federation, accuracy_metrics
+from hf_svd_plugins.fedsvd.partition import partition_dirichlet, partition_iid
 
 __all__ = [
     "METHODS",
+    "OPTIMIZER_STATE_POLICIES",
     "FedSVDCallback",
     "Federation",
     "accuracy_metrics",

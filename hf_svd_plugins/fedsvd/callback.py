@@ -1,13 +1,15 @@
 """Single-node FedSVD: refactorize every LoRA pair by SVD every ``k`` optimizer steps, inside any HF Trainer.
 
-The thin adapter around :func:`hf_svd_plugins.fedsvd.core.refactorize`: it finds the pairs through
-:mod:`hf_svd_plugins.lora` (which handles ZeRO-3 gathering, DDP/ZeRO-2 broadcast and DeepSpeed fp32 master copies),
-calls the core and writes the results back. ``B' A' == B A``, so the model's function does not change.
+The thin adapter around :func:`hf_svd_plugins.fedsvd.core.refactorize`: it finds the pairs and reads, writes and
+carries optimizer state through :mod:`hf_svd_plugins.lora` (which handles ZeRO-3 gathering, FSDP2 DTensors,
+DDP/ZeRO-2 broadcast and DeepSpeed fp32 master copies), calls the core and writes the results back.
+``B' A' == B A``, so the model's function does not change.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -15,13 +17,24 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from hf_svd_plugins.fedsvd.core import refactorize
-from hf_svd_plugins.lora import LoraPair, assign_lora_weights, find_lora_pairs, read_lora_weights
+from hf_svd_plugins.fedsvd.core import basis_change, refactorize, transform_moments
+from hf_svd_plugins.lora import (
+    LoraPair,
+    assign_lora_weights,
+    find_lora_pairs,
+    full_shape,
+    master_weights_optimizer,
+    read_lora_weights,
+    read_optimizer_state,
+    reset_optimizer_state,
+    write_optimizer_state,
+)
 from hf_svd_plugins.trainer_utils import log_to_trainer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FedSVDCallback", "freeze_lora_A", "refactorize_lora_model", "reset_optimizer_state"]
+__all__ = ["OPTIMIZER_STATE_POLICIES", "FedSVDCallback", "freeze_lora_A", "refactorize_lora_model",
+           "reset_optimizer_state"]
 
 
 def freeze_lora_A(model: torch.nn.Module, adapter_name: str | None = None) -> int:  # noqa: N802 - the paper's name
@@ -44,46 +57,26 @@ def freeze_lora_A(model: torch.nn.Module, adapter_name: str | None = None) -> in
     return frozen
 
 
-def _optimizer_chain(optimizer: object | None) -> list[object]:
-    chain, seen = [], set()
-    while optimizer is not None and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        chain.append(optimizer)
-        optimizer = getattr(optimizer, "optimizer", None)
-    return chain
+OPTIMIZER_STATE_POLICIES = ("transform", "reset", "keep")
+"""What :class:`FedSVDCallback` does with the optimizer state of the refactorized parameters: ``transform`` carries
+first moments exactly and second moments by a diagonal approximation into the new basis
+(:func:`~hf_svd_plugins.fedsvd.core.transform_moments`), ``reset`` forgets them, ``keep`` leaves them in the old basis."""
+
+_CHUNK_NUMEL = 1 << 22  # gather and refactorize at most ~4.2M LoRA entries (A and B) at a time
 
 
-@torch.no_grad()
-def reset_optimizer_state(optimizer: object | None, params: Sequence[torch.nn.Parameter]) -> str:
-    """Forget the optimizer's per-parameter state (Adam moments, step count) of ``params``.
-
-    * A torch optimizer (possibly inside accelerate's ``AcceleratedOptimizer``): ``state[p]`` is removed for each
-      ``p`` in ``params``; the next step re-initialises it exactly as for a fresh optimizer.
-    * DeepSpeed ZeRO (its base optimizer holds flat fp32 partitions, not the model's parameters): every state tensor
-      of the base optimizer is zeroed and its step counts set to 0. That resets *all* trainable parameters; with
-      FFA-LoRA (only B trainable) those are exactly the refactorized ones.
-
-    Returns:
-        ``"params"``, ``"all"`` (DeepSpeed) or ``"none"`` (no optimizer or nothing to reset).
-    """
-    chain = _optimizer_chain(optimizer)
-    if not chain:
-        return "none"
-    deepspeed = any(type(o).__module__.startswith("deepspeed") or hasattr(o, "refresh_fp32_params") for o in chain)
-    base = chain[-1]
-    if not isinstance(base, torch.optim.Optimizer):
-        return "none"
-    if deepspeed:
-        for state in base.state.values():
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    value.zero_()
-                elif key == "step":
-                    state[key] = 0
-        return "all"
-    for p in params:
-        base.state.pop(p, None)
-    return "params"
+def _chunks(pairs: Sequence[LoraPair]) -> list[list[LoraPair]]:
+    """Consecutive groups of pairs with at most ``_CHUNK_NUMEL`` entries each (one pair may exceed it alone)."""
+    out: list[list[LoraPair]] = [[]]
+    size = 0
+    for pair in pairs:
+        numel = math.prod(full_shape(pair.A)) + math.prod(full_shape(pair.B))
+        if out[-1] and size + numel > _CHUNK_NUMEL:
+            out.append([])
+            size = 0
+        out[-1].append(pair)
+        size += numel
+    return [c for c in out if c]
 
 
 @torch.no_grad()
@@ -92,31 +85,66 @@ def refactorize_lora_model(
     optimizer: object | None = None,
     adapter_name: str | None = None,
     pairs: Sequence[LoraPair] | None = None,
+    optimizer_state: str = "keep",
 ) -> dict[str, torch.Tensor]:
     """Refactorize every LoRA pair of ``model`` in place (``B' A' = B A``, ``A'`` with orthonormal rows).
 
-    Every rank must call it (ZeRO-3 gathers); every rank ends with rank 0's values.
+    Every rank must call it (ZeRO-3 and FSDP2 gather); every rank ends with rank 0's values. The SVD runs in float64
+    on the gathered weights (on DeepSpeed's fp32 masters of the trainable ones, not their 16-bit copies) and each
+    parameter is written once: one cast to its dtype, and the masters get the float32 values. Pairs are processed in
+    chunks of at most ~4.2M entries (``(d_out + d_in) r`` per pair), so the transient memory is a few float64 copies
+    of one chunk whatever the model size.
 
     Args:
-        model: a PEFT LoRA model (possibly wrapped by DDP/DeepSpeed).
-        optimizer: passed on so DeepSpeed's fp32 master weights follow the new values (does not reset its state;
-            see :func:`reset_optimizer_state`).
+        model: a PEFT LoRA model (possibly wrapped by DDP/DeepSpeed, or sharded by FSDP2).
+        optimizer: the training optimizer: DeepSpeed's fp32 master weights follow the new values, and its state is
+            handled by ``optimizer_state``.
         adapter_name: which adapter (default: the active one).
         pairs: the pairs to use (default: ``find_lora_pairs(model, adapter_name)``).
+        optimizer_state: one of :data:`OPTIMIZER_STATE_POLICIES` (default ``"keep"``: the state is not touched).
 
     Returns:
         ``{module name: singular values (k,)}``, float32, descending.
     """
+    if optimizer_state not in OPTIMIZER_STATE_POLICIES:
+        raise ValueError(f"optimizer_state must be one of {OPTIMIZER_STATE_POLICIES}, got {optimizer_state!r}")
     pairs = list(find_lora_pairs(model, adapter_name) if pairs is None else pairs)
-    if not pairs:
-        return {}
-    weights = read_lora_weights(pairs)
-    names = [p.name for p in pairs]
-    new_b, new_a, sv = refactorize(
-        [weights[n][1] for n in names], [weights[n][0] for n in names], return_singular_values=True
-    )
-    assign_lora_weights(pairs, {n: (a, b) for n, a, b in zip(names, new_a, new_b, strict=True)}, optimizer=optimizer)
-    return {n: s.float().cpu() for n, s in zip(names, sv, strict=True)}
+    spectrum: dict[str, torch.Tensor] = {}
+    for chunk in _chunks(pairs):
+        weights = read_lora_weights(chunk, optimizer)
+        names = [p.name for p in chunk]
+        new_b, new_a, sv = refactorize(
+            [weights[n][1].double() for n in names], [weights[n][0].double() for n in names],
+            return_singular_values=True,
+        )
+        assign_lora_weights(chunk, {n: (a, b) for n, a, b in zip(names, new_a, new_b, strict=True)}, optimizer)
+        if optimizer_state == "transform":
+            _transform_state(optimizer, chunk, [weights[n][0] for n in names], new_a)
+        elif optimizer_state == "reset":
+            reset_optimizer_state(optimizer, [p for pair in chunk for p in (pair.A, pair.B) if p.requires_grad])
+        spectrum.update({n: s.float().cpu() for n, s in zip(names, sv, strict=True)})
+    return spectrum
+
+
+def _transform_state(
+    optimizer: object | None, pairs: Sequence[LoraPair], old_a: Sequence[torch.Tensor], new_a: Sequence[torch.Tensor]
+) -> None:
+    """Carry the optimizer moments of each pair's trainable B (and A) into the refactorized basis."""
+    params, factors, maps = [], [], []
+    for pair, a_old, a_new in zip(pairs, old_a, new_a, strict=True):
+        # gradients are taken at the stored A (the parameter's dtype, also when a master copy is fp32)
+        t, w = basis_change(a_old.to(pair.A.dtype), a_new.to(pair.A.dtype))
+        for param, factor in ((pair.B, "B"), (pair.A, "A")):
+            if param.requires_grad:
+                params.append(param)
+                factors.append(factor)
+                maps.append((t, w))
+    states = read_optimizer_state(optimizer, params)
+    new_states = [
+        transform_moments(state, factor, t, w) if state else {}
+        for state, factor, (t, w) in zip(states, factors, maps, strict=True)
+    ]
+    write_optimizer_state(optimizer, params, new_states)
 
 
 class FedSVDCallback(TrainerCallback, ExportableState):
@@ -127,27 +155,35 @@ class FedSVDCallback(TrainerCallback, ExportableState):
 
     Args:
         every_n_steps: refactorize when ``state.global_step % every_n_steps == 0`` (so the schedule survives resume
-            without restoring callback state).
-        reset_optimizer_state: forget the optimizer state (Adam moments) of the refactorized parameters; they refer
-            to the old basis. ``False`` keeps them.
+            without restoring callback state). Default 50 (see docs/fedsvd.md for the measurement).
+        optimizer_state: what happens to the optimizer state of the refactorized parameters, whose moments refer to
+            the old basis: ``"transform"`` (default) carries first moments exactly into the new basis (with A frozen)
+            and second moments by a diagonal approximation
+            (:func:`~hf_svd_plugins.fedsvd.core.transform_moments`); ``"reset"`` forgets them (Adam restarts, so
+            its next update is ``lr * sign(g)``; under DeepSpeed every trainable parameter is reset); ``"keep"``
+            leaves them as they are.
         freeze_a: FFA-LoRA, train only ``B``. A is frozen in ``on_init_end`` (before the Trainer wraps the model);
             if the callback is added later, call :func:`freeze_lora_A` yourself before ``Trainer(...)``.
         log_top_singular_values: log this many top singular values per module (``fedsvd/<module>/sigma_<i>``), in the
             Trainer log at each refactorization step (every integration and ``state.log_history``); 0 logs only
             the counters.
         adapter_name: the LoRA adapter (default: the active one).
+        reset_optimizer_state: deprecated, use ``optimizer_state``: True is ``"reset"``, False is ``"keep"``.
 
     State: ``n_refactorizations`` and ``last_step`` are exported with the Trainer state; on resume without
     ``restore_callback_states_from_checkpoint`` they are derived from ``state.global_step``.
     """
 
+    writes_lora_weights = True  # see hf_svd_plugins.trainer_utils.writes_lora_weights (federations refuse it)
+
     def __init__(
         self,
-        every_n_steps: int = 1,
-        reset_optimizer_state: bool = True,
+        every_n_steps: int = 50,
+        optimizer_state: str = "transform",
         freeze_a: bool = True,
         log_top_singular_values: int = 1,
         adapter_name: str | None = None,
+        reset_optimizer_state: bool | None = None,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(
@@ -159,12 +195,25 @@ class FedSVDCallback(TrainerCallback, ExportableState):
             or log_top_singular_values < 0
         ):
             raise ValueError(f"log_top_singular_values must be an int >= 0, got {log_top_singular_values!r}")
-        if not isinstance(reset_optimizer_state, bool):
-            raise ValueError(f"reset_optimizer_state must be True or False, got {reset_optimizer_state!r}")
+        if reset_optimizer_state is not None:
+            if not isinstance(reset_optimizer_state, bool):
+                raise ValueError(f"reset_optimizer_state must be True or False, got {reset_optimizer_state!r}")
+            warnings.warn(
+                "FedSVDCallback(reset_optimizer_state=...) is deprecated; pass optimizer_state='reset' or 'keep' "
+                "(the default 'transform' carries the moments into the new basis)",
+                FutureWarning,
+                stacklevel=2,
+            )
+            optimizer_state = "reset" if reset_optimizer_state else "keep"
+        if optimizer_state not in OPTIMIZER_STATE_POLICIES:
+            raise ValueError(
+                f"optimizer_state must be one of {', '.join(map(repr, OPTIMIZER_STATE_POLICIES))}, "
+                f"got {optimizer_state!r}"
+            )
         if not isinstance(freeze_a, bool):
             raise ValueError(f"freeze_a must be True or False, got {freeze_a!r}")
         self.every_n_steps = every_n_steps
-        self.reset_optimizer_state = reset_optimizer_state
+        self.optimizer_state = optimizer_state
         self.freeze_a = freeze_a
         self.log_top_singular_values = log_top_singular_values
         self.adapter_name = adapter_name
@@ -178,7 +227,7 @@ class FedSVDCallback(TrainerCallback, ExportableState):
         return {
             "args": {
                 "every_n_steps": self.every_n_steps,
-                "reset_optimizer_state": self.reset_optimizer_state,
+                "optimizer_state": self.optimizer_state,
                 "freeze_a": self.freeze_a,
                 "log_top_singular_values": self.log_top_singular_values,
                 "adapter_name": self.adapter_name,
@@ -203,8 +252,8 @@ class FedSVDCallback(TrainerCallback, ExportableState):
             )
         if self.freeze_a and freeze_lora_A(model, self.adapter_name):
             warnings.warn(
-                "FedSVDCallback(freeze_a=True) froze LoRA A only when training began; under DDP/DeepSpeed this is "
-                "too late. Call `hf_svd_plugins.fedsvd.freeze_lora_A(model)` before creating the Trainer, or pass "
+                "FedSVDCallback(freeze_a=True) froze LoRA A only when training began; under DDP/DeepSpeed/FSDP this "
+                "is too late. Call `hf_svd_plugins.fedsvd.freeze_lora_A(model)` before creating the Trainer, or pass "
                 "the callback in `Trainer(callbacks=[...])`.",
                 stacklevel=2,
             )
@@ -218,19 +267,9 @@ class FedSVDCallback(TrainerCallback, ExportableState):
         if model is None or state.global_step % self.every_n_steps != 0 or state.global_step == self.last_step:
             return
         pairs = find_lora_pairs(model, self.adapter_name)
-        spectrum = refactorize_lora_model(model, optimizer=optimizer, pairs=pairs)
-        if self.reset_optimizer_state:
-            params = [p for pair in pairs for p in (pair.A, pair.B)]
-            how = reset_optimizer_state(optimizer, params)
-            if how == "all" and not self._warned_reset_all:
-                trainable = [p for p in model.parameters() if p.requires_grad]
-                touched = {id(p) for p in params}
-                if any(id(p) not in touched for p in trainable):
-                    logger.warning(
-                        "FedSVDCallback: DeepSpeed keeps optimizer state in flat partitions; the state of all "
-                        "trainable parameters (not only the LoRA ones) was reset."
-                    )
-                self._warned_reset_all = True
+        spectrum = refactorize_lora_model(model, optimizer=optimizer, pairs=pairs, optimizer_state=self.optimizer_state)
+        if self.optimizer_state == "reset" and not self._warned_reset_all:
+            self._warn_if_reset_all(model, optimizer, pairs)
         self.n_refactorizations += 1
         self.last_step = state.global_step
         logs: dict[str, float] = {"fedsvd/refactorizations": float(self.n_refactorizations)}
@@ -241,3 +280,14 @@ class FedSVDCallback(TrainerCallback, ExportableState):
                     logs[f"fedsvd/{name}/sigma_{i}"] = float(v)
         # Through Trainer.log, so every reporting integration (TensorBoard, W&B) and log_history see it.
         log_to_trainer(logs)
+
+    def _warn_if_reset_all(self, model, optimizer, pairs) -> None:
+        self._warned_reset_all = True
+        if master_weights_optimizer(optimizer) is None:
+            return
+        touched = {id(p) for pair in pairs for p in (pair.A, pair.B)}
+        if any(p.requires_grad and id(p) not in touched for p in model.parameters()):
+            logger.warning(
+                "FedSVDCallback(optimizer_state='reset'): DeepSpeed keeps optimizer state in flat partitions; the "
+                "state of all trainable parameters (not only the LoRA ones) was reset."
+            )

@@ -1,6 +1,6 @@
 """FedSVD numerics on plain tensors: SVD refactorization of a LoRA pair and weighted aggregation.
 
-No Trainer, no PEFT: everything here takes and returns ``torch.Tensor`` objects (design.md, "FedSVD refactorization").
+No Trainer, no PEFT: everything here takes and returns ``torch.Tensor`` objects. The maths is in docs/fedsvd.md.
 
 Shapes follow PyTorch: LoRA adds ``s * B @ A`` with ``A (r, d_in)`` and ``B (d_out, r)``.
 """
@@ -12,18 +12,19 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import overload
 
-import numpy as np
 import torch
 
 __all__ = [
+    "FIRST_MOMENT_KEYS",
     "METHODS",
+    "SECOND_MOMENT_KEYS",
     "aggregate_lora",
+    "basis_change",
     "aggregate_weighted",
     "check_method",
     "is_finite_update",
-    "partition_dirichlet",
-    "partition_iid",
     "refactorize",
+    "transform_moments",
 ]
 
 METHODS = ("fedsvd", "ffa_lora", "fedavg_lora")
@@ -119,7 +120,7 @@ def refactorize(B, A, *, return_singular_values: bool = False):  # noqa: N803 - 
     """SVD refactorization of a LoRA pair: ``B' @ A' == B @ A`` with ``A'`` having orthonormal rows.
 
     With ``M = B @ A = U S V^T``: ``A' = V^T[:r]`` and ``B' = U[:, :r] * S[:r]``, computed by the cheap route of
-    design.md in ``O((d_out + d_in) r^2)``: ``B = Q_b R_b``, ``A^T = Q_a R_a``, SVD of the ``r x r`` matrix
+    docs/fedsvd.md in ``O((d_out + d_in) r^2)``: ``B = Q_b R_b``, ``A^T = Q_a R_a``, SVD of the ``r x r`` matrix
     ``R_b R_a^T = U' S V'^T``, then ``B' = Q_b U' S`` and ``A' = V'^T Q_a^T``. All maths in float64; results are cast
     back to the input dtypes and stay on the input devices. Columns of ``B'`` are sorted by decreasing singular value
     and have norms equal to the singular values.
@@ -165,6 +166,78 @@ def refactorize(B, A, *, return_singular_values: bool = False):  # noqa: N803 - 
         for j, i in enumerate(idx):
             out_b[i], out_a[i], out_s[i] = nb[j], na[j], s[j]
     return (out_b, out_a, out_s) if return_singular_values else (out_b, out_a)
+
+
+FIRST_MOMENT_KEYS = ("exp_avg", "momentum_buffer")
+"""Optimizer state that is a running (weighted) sum of gradients: Adam's first moment, SGD's momentum."""
+SECOND_MOMENT_KEYS = ("exp_avg_sq", "max_exp_avg_sq")
+"""Optimizer state that is a running sum of squared gradient entries: Adam's second moment, AMSGrad's maximum."""
+
+
+@torch.no_grad()
+def basis_change(a_old: torch.Tensor, a_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``r x r`` maps of a refactorization ``(B, A) -> (B', A')`` whose ``A'`` has orthonormal rows.
+
+    * ``T = A A'^T`` maps the factor: ``B' = B T`` whenever ``B' A' = B A`` (multiply by ``A'^T``), and with A in the
+      row space of A' also ``A = T A'``.
+    * ``W = pinv(A^T) A'^T`` maps gradients of B: the gradient of the loss w.r.t. B is ``G A^T`` for the gradient
+      ``G (d_out, d_in)`` w.r.t. the product, so ``G A'^T = (G A^T) W`` exactly when the rows of ``A'`` lie in the
+      row space of ``A`` (A of full row rank, which is what :func:`refactorize` produces then).
+
+    ``W = T^{-T}``; both are orthogonal, and equal, when A already had orthonormal rows (every refactorization after
+    the first one with A frozen).
+
+    Args:
+        a_old: ``A (r, d_in)`` before, ``a_new``: ``A' (r, d_in)`` after (as stored, i.e. after the cast).
+
+    Returns:
+        ``(T, W)``, float64 ``(r, r)``.
+    """
+    a64, n64 = a_old.to(torch.float64), a_new.to(torch.float64)
+    t = a64 @ n64.T
+    w = torch.linalg.pinv(a64.T) @ n64.T
+    return t, w
+
+
+@torch.no_grad()
+def transform_moments(
+    state: dict[str, torch.Tensor], factor: str, t: torch.Tensor, w: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Carry one parameter's optimizer moments across a change of basis (see :func:`basis_change`).
+
+    First moments (:data:`FIRST_MOMENT_KEYS`) are linear in the gradients and transform exactly:
+    ``m_B' = m_B W`` and, for a trained A (``A' = T^{-1} A``, gradients ``B'^T G = T^T B^T G``), ``m_A' = T^T m_A``.
+    For B this is exact when A was frozen since the moments started (FFA-LoRA): every past gradient ``G_t A^T`` maps
+    to ``G_t A'^T``. With A trained too, past gradients were taken at other factors and the map is an approximation.
+
+    Second moments (:data:`SECOND_MOMENT_KEYS`) hold squared entries, which do not transform linearly: the new
+    coordinate ``g'_k = sum_j g_j W_jk`` has ``E[g'_k^2] = sum_jl W_jk W_lk E[g_j g_l]``; the state keeps only the
+    diagonal ``E[g_j^2]``, so the cross terms are dropped: ``v_B' = v_B (W o W)`` (``o``: entrywise product),
+    ``v_A' = (T o T)^T v_A``. Exact if the gradient coordinates are uncorrelated; for orthogonal ``W`` it keeps each
+    row's total ``sum_k v'_k = sum_j v_j`` and every entry non-negative. Other keys (step counts) are kept.
+
+    Args:
+        state: ``{key: tensor}`` of one parameter, ``B``-shaped ``(d_out, r)`` or ``A``-shaped ``(r, d_in)``.
+        factor: ``"B"`` or ``"A"``.
+        t, w: from :func:`basis_change`.
+
+    Returns:
+        A new dict with the transformed tensors, in the dtype and on the device of each input tensor.
+    """
+    if factor not in ("A", "B"):
+        raise ValueError(f"factor must be 'A' or 'B', got {factor!r}")
+    out = dict(state)
+    for key, value in state.items():
+        if key not in FIRST_MOMENT_KEYS and key not in SECOND_MOMENT_KEYS:
+            continue
+        v64 = value.to(torch.float64)
+        first = key in FIRST_MOMENT_KEYS
+        if factor == "B":
+            new = v64 @ w.to(v64.device) if first else v64 @ (w * w).to(v64.device)
+        else:
+            new = t.T.to(v64.device) @ v64 if first else (t * t).T.to(v64.device) @ v64
+        out[key] = new.to(value.dtype)
+    return out
 
 
 @torch.no_grad()
@@ -303,54 +376,17 @@ def aggregate_lora(
     return new, {n: s.float() for n, s in zip(names, sv, strict=True)}
 
 
-# --------------------------------------------------------------------------------------------- client data shards
+def __getattr__(name: str):  # the partitions moved to fedsvd/partition.py; old imports keep working
+    if name in ("partition_iid", "partition_dirichlet"):
+        import warnings
 
+        from hf_svd_plugins.fedsvd import partition
 
-def partition_iid(num_examples: int, num_clients: int, seed: int = 0) -> list[list[int]]:
-    """Split ``range(num_examples)`` uniformly at random into ``num_clients`` shards of near-equal size.
-
-    Returns sorted index lists (sorted, so one client with everything sees the data set in its original order).
-    """
-    if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-    if num_examples < num_clients:
-        raise ValueError(
-            f"cannot give {num_clients} clients at least one of {num_examples} examples; use fewer clients"
+        warnings.warn(
+            f"hf_svd_plugins.fedsvd.core.{name} moved to hf_svd_plugins.fedsvd.partition (also exported by "
+            "hf_svd_plugins.fedsvd)",
+            DeprecationWarning,
+            stacklevel=2,
         )
-    perm = np.random.default_rng(seed).permutation(num_examples)
-    return [sorted(int(i) for i in part) for part in np.array_split(perm, num_clients)]
-
-
-def partition_dirichlet(
-    labels: Sequence[int], num_clients: int, alpha: float, seed: int = 0, min_size: int = 1, max_tries: int = 100
-) -> list[list[int]]:
-    """Non-IID split by label: for each class, client proportions are drawn from ``Dirichlet(alpha * 1)``.
-
-    Small ``alpha`` (0.1) gives clients few classes each; large ``alpha`` approaches IID. Redraws (up to
-    ``max_tries``) until every client has at least ``min_size`` examples.
-
-    Returns:
-        ``num_clients`` sorted index lists covering ``range(len(labels))`` exactly once.
-    """
-    if num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-    if not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be a positive number (e.g. 0.5), got {alpha!r}")
-    labels_arr = np.asarray([int(x) for x in labels])
-    if len(labels_arr) < num_clients * min_size:
-        raise ValueError(f"{len(labels_arr)} examples cannot give {num_clients} clients {min_size} each")
-    rng = np.random.default_rng(seed)
-    for _ in range(max_tries):
-        shards: list[list[int]] = [[] for _ in range(num_clients)]
-        for c in np.unique(labels_arr):
-            idx = rng.permutation(np.flatnonzero(labels_arr == c))
-            p = rng.dirichlet(np.full(num_clients, float(alpha)))
-            cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
-            for k, part in enumerate(np.split(idx, cuts)):
-                shards[k].extend(int(i) for i in part)
-        if min(len(s) for s in shards) >= min_size:
-            return [sorted(s) for s in shards]
-    raise ValueError(
-        f"partition_dirichlet could not give every one of {num_clients} clients >= {min_size} examples in "
-        f"{max_tries} draws with alpha={alpha}; use a larger alpha, fewer clients or more data"
-    )
+        return getattr(partition, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,9 +39,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from hf_svd_plugins.fedsvd.core import aggregate_lora, aggregate_weighted, check_method, is_finite_update, trains_a
-from hf_svd_plugins.fedsvd.federation import (
-    check_federated_dp_config,
+from hf_svd_plugins.fedsvd.client import (
+    check_client_trainer_kwargs,
     client_seed,
     load_lora_state,
     quiet_trainer,
@@ -49,6 +48,7 @@ from hf_svd_plugins.fedsvd.federation import (
     train_lora_client,
     trainable_extra_names,
 )
+from hf_svd_plugins.fedsvd.core import aggregate_lora, aggregate_weighted, check_method, is_finite_update, trains_a
 from hf_svd_plugins.lora import find_lora_pairs, read_lora_weights
 
 logger = logging.getLogger(__name__)
@@ -335,7 +335,7 @@ def make_client_app(
             max_epsilon=8.0)}``; ``max_epsilon`` then bounds the client's privacy over the whole federation.
         output_dir: client scratch directories go to ``output_dir/client_<partition id>``.
     """
-    check_federated_dp_config(trainer_kwargs)
+    check_client_trainer_kwargs(trainer_kwargs)
     app = ClientApp()
     cache: dict[str, nn.Module] = {}
 
