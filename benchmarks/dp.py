@@ -10,11 +10,14 @@ all-MiniLM-L6-v2 (real weights) as a sentiment classifier with LoRA on the Rotte
 :mod:`hf_svd_plugins.examples`. The step time is the median over the timed steps after warm-up. Privacy settings are
 identical (sigma=1, C=1, Poisson sampling with q = B / N).
 
-``--utility`` adds DP fine-tuning of MiniLM at epsilon=8 against the same non-private run (test accuracy).
+``--utility`` runs the private-LoRA study's final table instead of the timing (``benchmarks/dp_lora.py final``:
+non-private LoRA, DP LoRA at epsilon 8 and 3, DP head only, 3 seeds, test accuracy; resumable, results appended to
+``benchmarks/results/dp_lora.jsonl``). ``--utility-only`` is the earlier head-only comparison at epsilon 8.
 
     python benchmarks/dp.py                          # tiny, small, minilm; 12 timed steps each
     python benchmarks/dp.py --sizes tiny --steps 6   # quick smoke run
-    python benchmarks/dp.py --utility-only            # DP vs non-private accuracy on MiniLM, no timing
+    python benchmarks/dp.py --utility                 # private LoRA vs non-private, 3 seeds (docs/dp.md)
+    python benchmarks/dp.py --utility-only            # the earlier head-only DP vs non-private run, no timing
 """
 
 from __future__ import annotations
@@ -264,8 +267,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1024, help="training examples (q = batch / n)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--skip-loop", action="store_true", help="skip the slow per-example loop method")
-    parser.add_argument("--utility", action="store_true", help="also fine-tune MiniLM at epsilon=8 vs non-private")
-    parser.add_argument("--utility-only", action="store_true", help="only the utility comparison (no timing)")
+    parser.add_argument("--utility", action="store_true",
+                        help="the private-LoRA study's final table (benchmarks/dp_lora.py final), no timing")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--utility: seeds")
+    parser.add_argument("--utility-only", action="store_true",
+                        help="the earlier head-only utility comparison at epsilon 8 (no timing)")
     parser.add_argument("--epochs", type=float, default=1.0, help="utility: non-private epochs")
     parser.add_argument("--utility-batch", type=int, default=32, help="utility: non-private batch size")
     parser.add_argument("--lr", type=float, default=1e-3, help="utility: non-private learning rate")
@@ -278,6 +284,13 @@ def main() -> None:
     parser.add_argument("--dp-trainable", choices=["head", "lora"], default="head",
                         help="utility: what DP trains (the non-private run trains LoRA + head)")
     a = parser.parse_args()
+    if a.utility:
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import dp_lora
+
+        raise SystemExit(dp_lora.main(["final", "--threads", str(a.threads), "--seeds", *map(str, a.seeds)]))
 
     import torch
 
@@ -311,7 +324,7 @@ def main() -> None:
         for size, name, sec, ratio in rows:
             model = "MiniLM + LoRA (real text)" if size == "minilm" else f"{size} Llama + LoRA"
             print(f"| {model} | {name} | {sec:.4f} | {ratio:.2f}x |")
-    if a.utility or a.utility_only:
+    if a.utility_only:
         util = run_utility(a)
         print()
         print(f"MiniLM mean-pooled + linear head (LoRA r=8 on {' '.join(a.utility_targets)}), Rotten Tomatoes")

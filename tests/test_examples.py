@@ -86,3 +86,86 @@ def test_smollm2_float32_copy_is_a_plain_model_the_trainer_trains(tmp_path, monk
     before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
     Trainer(model=model, args=args, train_dataset=data).train()
     assert not torch.equal(before, model.model.layers[0].mlp.down_proj.weight)
+
+
+def test_frozen_prefix_top_gives_the_full_models_logits_and_per_example_gradients():
+    """Training the top on prefix states must be training the full model: logits and per-example gradients of the
+    top (DP's vmap on padded, length-sorted states) equal the full model's, run on each example alone (loop)."""
+    from hf_svd_plugins.dp.per_sample import (
+        detect_mask_kind,
+        loop_per_sample_grads,
+        trainable_parameters,
+        vmap_per_sample_grads,
+    )
+    from hf_svd_plugins.examples import (
+        HiddenStateClassification,
+        LabelledText,
+        TokenizedClassification,
+        collate_hidden_states,
+        first_adapted_layer,
+        minilm_dp_lora_classifier,
+        minilm_frozen_prefix,
+    )
+
+    model, tok = minilm_dp_lora_classifier(r=2, target_modules=["query", "value"], lora_layers=2, head_init="random")
+    assert first_adapted_layer(model) == 4
+    with torch.no_grad():  # B = 0 at init would make every A gradient 0
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    prefix, top = minilm_frozen_prefix(model)
+    texts = ["an overlong, self-indulgent mess that nobody asked for", "dull", "a quietly devastating film"]
+    data = TokenizedClassification(LabelledText(texts, [0, 0, 1]), tok)
+    states = HiddenStateClassification(data, prefix)
+    assert states.order == [1, 2, 0]  # sorted by length
+    batch = collate_hidden_states([states[k] for k in range(3)])
+    model.train()
+    top.train()
+    assert detect_mask_kind(top, batch) == "bidirectional"
+    top_params, full_params = trainable_parameters(top), trainable_parameters(model)
+    assert len(top_params) == len(full_params) == 10
+    grads, _ = vmap_per_sample_grads(top, top_params, batch, "sequence", "bidirectional")
+    with torch.no_grad():
+        top_logits = top(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    for k, i in enumerate(states.order):
+        alone = {"input_ids": torch.tensor([data[i]["input_ids"]]),
+                 "attention_mask": torch.tensor([data[i]["attention_mask"]]), "labels": torch.tensor([data[i]["labels"]])}
+        reference, _ = loop_per_sample_grads(model, full_params, alone, "sequence")
+        with torch.no_grad():
+            np.testing.assert_allclose(top_logits[k].numpy(), model(**alone).logits[0].numpy(), atol=1e-5)
+        for (name, g), (full_name, ref) in zip(grads.items(), reference.items(), strict=True):
+            assert top_params[name] is full_params[full_name]  # the top shares the model's parameters
+            np.testing.assert_allclose(g[k].numpy(), ref[0].numpy(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_dp_lora_setup_trains_under_dptrainer_and_top_predicts_like_the_whole_model(tmp_path):
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from hf_svd_plugins.dp import DPConfig, DPTrainer
+    from hf_svd_plugins.examples import collate_hidden_states, minilm_dp_lora_setup, rotten_tomatoes_splits
+
+    setup = minilm_dp_lora_setup(seed=3, batch_size=32, micro_batch_size=16, epochs=1, limit=96)
+    assert len(setup.train) == 96 and setup.training_args["gradient_accumulation_steps"] == 2
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True, **setup.training_args)
+    trainer = DPTrainer(model=setup.top, args=args, train_dataset=setup.train, data_collator=collate_hidden_states,
+                        dp_config=DPConfig(**setup.dp_config))
+    trainer.remove_callback(PrinterCallback)
+    before = {n: p.detach().clone() for n, p in setup.top.named_parameters() if p.requires_grad}
+    trainer.train()
+    assert 0 < trainer.get_epsilon() <= 8.0 + 1e-6 and trainer.dp_method_used == "vmap"
+    assert any(not torch.equal(before[n], p) for n, p in setup.top.named_parameters() if p.requires_grad)
+    # the trained top on prefix states and the whole model on raw text agree (validation, in the states' order)
+    _, validation, _ = rotten_tomatoes_splits(3, 0.1, 0.2, full=True)
+    texts = [validation.text[i] for i in setup.validation.order[:8]]
+    setup.model.eval()
+    setup.top.eval()
+    with torch.no_grad():
+        top_logits = setup.top(**{k: v for k, v in collate_hidden_states(setup.validation.items[:8]).items()
+                                  if k != "labels"}).logits
+        for i, text in enumerate(texts):
+            enc = setup.tokenizer([text], truncation=True, max_length=64, return_tensors="pt")
+            whole = setup.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[0]
+            np.testing.assert_allclose(top_logits[i].numpy(), whole.numpy(), atol=1e-5)
