@@ -17,7 +17,12 @@ client step also records its examples' gradient norms before clipping (B, A, hea
 
     python benchmarks/fedsvd_private.py search              # lr per method on validation, seed 0 (short runs)
     python benchmarks/fedsvd_private.py final               # chosen lr per method, on test, test accuracy per round
+    python benchmarks/fedsvd_private.py all                 # both, in priority order: per seed and epsilon in
+                                                            # --epsilons order, its search (seed 0) then its finals
     python benchmarks/fedsvd_private.py table               # the tables from the results file
+
+Several processes may run the same command at once (``all`` in two shells uses both cores): each run is claimed by
+a lock file in ``--work``; a final run waits for a search another process is still running.
 
 Every finished run appends one JSON line to ``--results``; a rerun skips the runs there and resumes an unfinished
 run from its last round (the federation's server checkpoint in ``--work``). The table is rewritten as runs finish.
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -46,7 +52,6 @@ from fedsvd import METHODS, plot_accuracy_per_round  # noqa: E402
 
 DEFAULT_RESULTS = os.path.join(HERE, "results", "fedsvd_private.jsonl")
 DEFAULT_WORK = os.path.join("outputs", "fedsvd_private")
-SEARCH_LRS = {"private": (1e-2, 3e-2), "non-private": (3e-3, 1e-2)}
 
 
 @dataclass(frozen=True)
@@ -227,25 +232,73 @@ def load_results(path: str) -> dict[str, dict]:
     return {rec["key"]: rec for rec in read_records(path)}
 
 
-def run_all(runs: list[FedRun], results: str, work: str, threads: int, table: str | None) -> list[dict]:
-    """Run what is not in ``results`` yet, appending each record as it finishes (and rewriting ``table``)."""
+def run_all(runs, results: str, work: str, threads: int, table: str | None) -> list[dict]:
+    """Run, in order, what is not in ``results`` yet, appending each record as it finishes (and rewriting
+    ``table``). ``runs`` holds :class:`FedRun` or callables returning one (made when reached, e.g. once the search
+    has chosen a learning rate). A run is claimed through a lock file in ``work``, so several processes can share the
+    list: each skips the runs another live process holds, and a run whose process died is resumed."""
     os.makedirs(os.path.dirname(results) or ".", exist_ok=True)
     records = []
-    for i, run in enumerate(runs):
+    for i, item in enumerate(runs):
+        run = item if isinstance(item, FedRun) else item()
         done = load_results(results)  # re-read: another process may have finished this run meanwhile
         if run.key() in done:
             records.append(done[run.key()])
             continue
-        print(f"[run {i + 1}/{len(runs)}] {describe(run)}", flush=True)
-        rec = train_federation(run, work, threads)
-        rec["tag"] = run.tag
-        with open(results, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        if not claim(work, run):
+            print(f"[run {i + 1}/{len(runs)}] {describe(run)}: running in another process, skipped", flush=True)
+            continue
+        try:
+            print(f"[run {i + 1}/{len(runs)}] {describe(run)}", flush=True)
+            rec = train_federation(run, work, threads)
+            rec["tag"] = run.tag
+            with open(results, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        finally:
+            os.remove(lock_path(work, run))
         records.append(rec)
         print(f"    -> {run.split} accuracy {rec['accuracy']:.4f} in {rec['seconds']:.0f} s", flush=True)
         if table:
             write_tables(results, table)
     return records
+
+
+def lock_path(work: str, run: FedRun) -> str:
+    return os.path.join(work, run.name() + ".lock")
+
+
+def claim(work: str, run: FedRun) -> bool:
+    """Create ``run``'s lock file holding our pid; False if a live process holds it (a dead holder's is replaced)."""
+    os.makedirs(work, exist_ok=True)
+    path = lock_path(work, run)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        if held(work, run):
+            return False
+        os.remove(path)  # the holder died; its run resumes from the last round it checkpointed
+        return claim(work, run)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
+def held(work: str, run: FedRun) -> bool:
+    """Whether a live process holds ``run``'s lock file."""
+    try:
+        with open(lock_path(work, run)) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def describe(run: FedRun) -> str:
@@ -254,15 +307,13 @@ def describe(run: FedRun) -> str:
             f"{run.local_steps} steps, q {run.sample_rate:g}" + (f", limit {run.limit}" if run.limit else ""))
 
 
-def search_runs(args) -> list[FedRun]:
-    """The lr search: seed 0, validation, ``--search-rounds`` rounds (the privacy noise of the full run)."""
-    runs = []
-    for epsilon in args.search_epsilons:
-        lrs = SEARCH_LRS["non-private" if epsilon is None else "private"]
-        runs += [FedRun(method, epsilon, lr, seed=0, split="validation", rounds=args.search_rounds,
-                        budget_rounds=args.rounds, tag="search", **common(args))
-                 for method in args.methods for lr in lrs]
-    return runs
+def search_runs(args, epsilon: float | None) -> list[FedRun]:
+    """The lr search at one privacy level: seed 0, validation, ``--search-rounds`` rounds with the privacy noise of
+    the full run (sigma calibrated over ``--rounds``), the same grid for every method."""
+    lrs = args.search_lrs_non_private if epsilon is None else args.search_lrs
+    return [FedRun(method, epsilon, lr, seed=0, split="validation", rounds=args.search_rounds,
+                   budget_rounds=args.rounds, tag="search", **common(args))
+            for method in args.methods for lr in lrs]
 
 
 def common(args) -> dict:
@@ -271,28 +322,49 @@ def common(args) -> dict:
                 micro_batch=args.micro_batch, limit=args.limit)
 
 
-def chosen_lr(records: list[dict], method: str, epsilon: float | None, search_epsilons: list) -> tuple[float, str]:
-    """The lr of the best final validation accuracy among ``method``'s search runs at ``epsilon`` (a private
-    epsilon without its own search uses the first private search level); ties go to the smaller lr."""
-    level = epsilon
-    if epsilon is not None and epsilon not in search_epsilons:
-        level = next(e for e in search_epsilons if e is not None)
-    cands = [r for r in records if r["run"]["method"] == method and r["run"]["epsilon"] == level
-             and r["run"]["split"] == "validation"]
-    if not cands:
-        raise SystemExit(f"no search result for {method} at epsilon {level}: run `search` first")
-    best = max(cands, key=lambda r: (r["accuracy"], -r["run"]["lr"]))
-    return best["run"]["lr"], "non-private" if level is None else f"eps {level:g}"
+def search_level(epsilon: float | None, search_epsilons: list) -> float | None:
+    """The search whose lr a final run at ``epsilon`` uses: its own level, else the first private search level."""
+    if epsilon is None or epsilon in search_epsilons:
+        return epsilon
+    return next(e for e in search_epsilons if e is not None)
 
 
-def final_runs(args, records: list[dict]) -> list[FedRun]:
-    runs = []
+def chosen_lr(records: list[dict], method: str, level: float | None, grid: list[FedRun]) -> float:
+    """The lr of the best final validation accuracy among ``method``'s search runs at ``level`` (ties: the
+    smaller lr); SystemExit if a run of the search ``grid`` has no result."""
+    keys = {r.key() for r in grid if r.method == method and r.epsilon == level}
+    cands = [r for r in records if r["key"] in keys]
+    if len(cands) < len(keys):
+        raise SystemExit(f"the lr search for {method} at epsilon {_eps(level)} is not finished: run `search` first")
+    return max(cands, key=lambda r: (r["accuracy"], -r["run"]["lr"]))["run"]["lr"]
+
+
+def final_run(args, method: str, epsilon: float | None, seed: int, wait: bool = False) -> FedRun:
+    """The final run at the lr its search chose (``wait``: poll until a search another process runs is done)."""
+    level = search_level(epsilon, args.search_epsilons)
+    grid = search_runs(args, level)
+    while True:
+        try:
+            lr = chosen_lr(list(load_results(args.results).values()), method, level, grid)
+            break
+        except SystemExit:
+            if not wait or not any(held(args.work, r) for r in grid):
+                raise
+            time.sleep(20)
+    return FedRun(method, epsilon, lr, seed=seed, split="test", rounds=args.rounds,
+                  tag=f"final (lr chosen on validation at epsilon {_eps(level)})", **common(args))
+
+
+def plan(args, mode: str) -> list:
+    """The runs of ``mode`` in priority order: per seed, per privacy level in ``--epsilons`` order, the level's lr
+    search (seed 0 only, ``search``/``all``) then its final runs (``final``/``all``)."""
+    runs: list = []
     for seed in args.seeds:
         for epsilon in args.epsilons:
-            for method in args.methods:
-                lr, level = chosen_lr(records, method, epsilon, args.search_epsilons)
-                runs.append(FedRun(method, epsilon, lr, seed=seed, split="test", rounds=args.rounds,
-                                   tag=f"final (lr chosen on validation at {level})", **common(args)))
+            if mode in ("search", "all") and seed == args.seeds[0] and epsilon in args.search_epsilons:
+                runs += search_runs(args, epsilon)
+            if mode in ("final", "all"):
+                runs += [functools.partial(final_run, args, m, epsilon, seed, mode == "all") for m in args.methods]
     return runs
 
 
@@ -373,12 +445,14 @@ def _epsilon_arg(text: str) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("mode", choices=["search", "final", "table"])
+    p.add_argument("mode", choices=["search", "final", "all", "table"])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--epsilons", nargs="+", type=_epsilon_arg, default=[6.0, None, 3.0],
                    help="final runs, in this order: privacy levels (inf = non-private)")
     p.add_argument("--search-epsilons", nargs="+", type=_epsilon_arg, default=[6.0, None],
                    help="levels with their own lr search (other private levels use the first private one's lr)")
+    p.add_argument("--search-lrs", nargs="+", type=float, default=[1e-2, 3e-2], help="the grid of private levels")
+    p.add_argument("--search-lrs-non-private", nargs="+", type=float, default=[3e-3, 1e-2])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--search-rounds", type=int, default=6)
@@ -401,15 +475,12 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("hf_svd_plugins.fedsvd.federation").setLevel(logging.WARNING)  # failed or rejected clients
     warnings.filterwarnings("ignore")
     table = args.table or os.path.splitext(args.results)[0] + ".md"
-    if args.mode == "search":
-        run_all(search_runs(args), args.results, args.work, args.threads, table)
-    elif args.mode == "final":
-        records = list(load_results(args.results).values())
-        run_all(final_runs(args, records), args.results, args.work, args.threads, table)
-    else:
-        write_tables(args.results, table)
+    if args.mode != "table":
+        run_all(plan(args, args.mode), args.results, args.work, args.threads, table)
+    write_tables(args.results, table)
     print(open(table).read() if os.path.exists(table) else "no results yet")
     return 0
 
