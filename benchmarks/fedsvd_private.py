@@ -5,8 +5,12 @@ its top 2 layers and a zero-initialised linear head, the frozen lower 4 layers c
 (``examples.minilm_frozen_prefix``), all 12,808 Rotten Tomatoes snippets (``rotten_tomatoes_splits(seed, 0.1, 0.2,
 full=True)``: 9,222 train / 1,024 validation / 2,562 test). The federation: the train split in ``--clients`` shards by
 Dirichlet(``--alpha``) label skew, ``--per-round`` clients sampled per round, each trains ``--local-steps`` optimizer
-steps from the global adapter (B and the head for FedSVD / FFA-LoRA, A too for FedAvg-LoRA) with a fresh AdamW whose
-learning rate decays linearly over the rounds. A client's logical batch is a fixed share of its shard: Poisson
+steps from the global adapter (B and the head for FedSVD / FFA-LoRA, A too for FedAvg-LoRA) with a fresh optimizer
+(``--optim``, default plain SGD) whose learning rate decays linearly over the rounds. SGD, not AdamW: a fresh Adam
+takes sign-like steps of size lr on every coordinate in its first steps, so under label skew each client moves the
+whole head toward its majority class at full speed and, under DP, every noise-dominated coordinate moves by lr; the
+server's average of such steps is not an average of gradients. A simulation of the head alone on the same features
+(and the development runs) stayed at the majority class with AdamW at lr 3e-3 to 3e-2 and learned with SGD. A client's logical batch is a fixed share of its shard: Poisson
 sampling at ``q = --sample-rate`` (the expected batch ``q n_c``, rounded to micro-batches of ``--micro-batch``).
 
 Private runs: every client is a ``DPTrainer`` (``C = --max-grad-norm``, delta = 1e-5, PRV) calibrated with
@@ -73,6 +77,7 @@ class FedRun:
     alpha: float = 0.5
     max_grad_norm: float = 0.1
     micro_batch: int = 32
+    optim: str = "sgd"
     limit: int | None = None
     tag: str = field(default="", compare=False)
 
@@ -173,7 +178,7 @@ def build_federation(run: FedRun, work: str, sink: list):
         eval_dataset=validation if run.split == "validation" else test, data_collator=collate_hidden_states,
         compute_metrics=accuracy_metrics,
         training_args={"per_device_train_batch_size": run.micro_batch, "per_device_eval_batch_size": 256,
-                       "learning_rate": run.lr, "lr_scheduler_type": "constant", "weight_decay": 0.0,
+                       "learning_rate": run.lr, "lr_scheduler_type": "constant", "weight_decay": 0.0, "optim": run.optim,
                        "use_cpu": True, "dataloader_num_workers": 0, **({"max_grad_norm": 0.0} if private else {})},
         trainer_cls=shard_batch_trainer(base, run.sample_rate, run.micro_batch), trainer_kwargs=trainer_kwargs,
         output_dir=os.path.join(work, run.name()), seed=run.seed,
@@ -319,7 +324,7 @@ def search_runs(args, epsilon: float | None) -> list[FedRun]:
 def common(args) -> dict:
     return dict(local_steps=args.local_steps, sample_rate=args.sample_rate, clients=args.clients,
                 per_round=args.per_round, alpha=args.alpha, max_grad_norm=args.max_grad_norm,
-                micro_batch=args.micro_batch, limit=args.limit)
+                micro_batch=args.micro_batch, optim=args.optim, limit=args.limit)
 
 
 def search_level(epsilon: float | None, search_epsilons: list) -> float | None:
@@ -451,8 +456,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="final runs, in this order: privacy levels (inf = non-private)")
     p.add_argument("--search-epsilons", nargs="+", type=_epsilon_arg, default=[6.0, None],
                    help="levels with their own lr search (other private levels use the first private one's lr)")
-    p.add_argument("--search-lrs", nargs="+", type=float, default=[1e-2, 3e-2], help="the grid of private levels")
-    p.add_argument("--search-lrs-non-private", nargs="+", type=float, default=[3e-3, 1e-2])
+    p.add_argument("--search-lrs", nargs="+", type=float, default=[30.0, 100.0],
+                   help="the lr grid at private levels (SGD on gradients clipped to C = 0.1)")
+    p.add_argument("--search-lrs-non-private", nargs="+", type=float, default=[1.0, 3.0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--search-rounds", type=int, default=6)
@@ -463,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--max-grad-norm", type=float, default=0.1, help="DP: per-example clipping bound C")
     p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("--optim", default="sgd", help="the clients' TrainingArguments.optim (fresh every round)")
     p.add_argument("--limit", type=int, default=None, help="first LIMIT snippets of each split (smoke tests)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--results", default=DEFAULT_RESULTS, help="JSON lines, one per finished run")
