@@ -440,8 +440,11 @@ def write_tables(results: str, path: str) -> None:
         first = next(iter(records))["run"]
         lengths = {len(c) for cs in curves.values() for c in cs}
         if len(lengths) == 1:  # one plot panel per privacy level needs curves of one length
-            plot_accuracy_per_round(curves, argparse.Namespace(clients=first["clients"], alpha=first["alpha"],
-                                                               out=os.path.dirname(path)))
+            out = os.path.dirname(path) or "."
+            plot_accuracy_per_round(curves, argparse.Namespace(clients=first["clients"], alpha=first["alpha"], out=out))
+            png = os.path.join(out, "accuracy_per_round.png")
+            if os.path.exists(png):  # named after the table, beside it
+                os.replace(png, os.path.splitext(path)[0] + "_accuracy_per_round.png")
 
 
 def _epsilon_arg(text: str) -> float | None:
