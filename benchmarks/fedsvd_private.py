@@ -9,9 +9,10 @@ steps from the global adapter (B and the head for FedSVD / FFA-LoRA, A too for F
 (``--optim``, default plain SGD) whose learning rate decays linearly over the rounds. SGD, not AdamW: a fresh Adam
 takes sign-like steps of size lr on every coordinate in its first steps, so under label skew each client moves the
 whole head toward its majority class at full speed and, under DP, every noise-dominated coordinate moves by lr; the
-server's average of such steps is not an average of gradients. Development runs (3,000 train snippets, 6 rounds,
-epsilon 6) stayed at the majority class with AdamW at lr 3e-3, 1e-2 and 3e-2; a simulation of the head alone on the
-same features reached about 0.75 validation accuracy in 12 rounds with SGD at lr 30-100 (C = 0.1) and 0.65 with AdamW. A client's logical batch is a fixed share of its shard: Poisson
+server's average of such steps is not an average of gradients. Development runs (``search --limit 3000
+--search-rounds 6 --methods ffa_lora --epsilons 6 --optim adamw_torch``) stayed at the majority class with AdamW at lr
+3e-3, 1e-2 and 3e-2; a scratch simulation of the head alone on the same features (not kept) learned with SGD at lr
+30-100, the grid searched here (clipping at C = 0.1 shrinks the examples' gradients, of norm about 2-3, 20-30x). A client's logical batch is a fixed share of its shard: Poisson
 sampling at ``q = --sample-rate`` (the expected batch ``q n_c``, rounded to micro-batches of ``--micro-batch``).
 
 Private runs: every client is a ``DPTrainer`` (``C = --max-grad-norm``, delta = 1e-5, PRV) calibrated with
