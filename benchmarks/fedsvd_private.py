@@ -165,7 +165,7 @@ def build_federation(run: FedRun, work: str, sink: list):
     prefix, top = minilm_frozen_prefix(model)
     top.peft_config = model.peft_config  # the top holds the PEFT LoRA layers; find_lora_pairs reads the adapter config
     start = time.perf_counter()
-    train, validation, test = datasets_for(_StudyRun(seed=run.seed), prefix, first_adapted_layer(model), run.limit)
+    train, validation, test = cached_prefix_states(run, prefix, first_adapted_layer(model), work)
     data_seconds = time.perf_counter() - start
     private = run.epsilon is not None
     base = make_dp_trainer_class(sink) if private else Trainer
@@ -186,6 +186,21 @@ def build_federation(run: FedRun, work: str, sink: list):
         output_dir=os.path.join(work, run.name()), seed=run.seed,
     )
     return fed, data_seconds
+
+
+def cached_prefix_states(run: FedRun, prefix, first_layer: int, work: str):
+    """``dp_lora.datasets_for``, saved once to ``work`` and loaded by later processes (the frozen layers are the
+    packaged weights, so the states depend only on the seed's split, the prefix depth and ``limit``)."""
+    import torch
+
+    path = os.path.join(work, f"prefix_states_seed{run.seed}_layers{first_layer}_limit{run.limit}.pt")
+    if os.path.exists(path):
+        return torch.load(path, weights_only=False)
+    splits = datasets_for(_StudyRun(seed=run.seed), prefix, first_layer, run.limit)
+    os.makedirs(work, exist_ok=True)
+    torch.save(splits, path + f".{os.getpid()}.tmp")
+    os.replace(path + f".{os.getpid()}.tmp", path)
+    return splits
 
 
 def round_learning_rate(run: FedRun, rnd: int) -> float:
@@ -347,7 +362,12 @@ def chosen_lr(records: list[dict], method: str, level: float | None, grid: list[
 
 
 def final_run(args, method: str, epsilon: float | None, seed: int, wait: bool = False) -> FedRun:
-    """The final run at the lr its search chose (``wait``: poll until a search another process runs is done)."""
+    """The final run at the lr its search chose (``wait``: poll until a search another process runs is done), or
+    at ``--final-lr`` / ``--final-lr-non-private`` when given."""
+    given = args.final_lr_non_private if epsilon is None else args.final_lr
+    if given is not None:
+        return FedRun(method, epsilon, given, seed=seed, split="test", rounds=args.rounds,
+                      tag="final (lr given on the command line)", **common(args))
     level = search_level(epsilon, args.search_epsilons)
     grid = search_runs(args, level)
     while True:
@@ -464,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--search-lrs", nargs="+", type=float, default=[30.0, 100.0],
                    help="the lr grid at private levels (SGD on gradients clipped to C = 0.1)")
     p.add_argument("--search-lrs-non-private", nargs="+", type=float, default=[1.0, 3.0])
+    p.add_argument("--final-lr", type=float, default=None, help="final private runs: this lr instead of the search's")
+    p.add_argument("--final-lr-non-private", type=float, default=None)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--search-rounds", type=int, default=6)
