@@ -281,7 +281,7 @@ def run_all(runs, results: str, work: str, threads: int, table: str | None) -> l
         records.append(rec)
         print(f"    -> {run.split} accuracy {rec['accuracy']:.4f} in {rec['seconds']:.0f} s", flush=True)
         if table:
-            write_tables(results, table)
+            write_tables(results, table, work)
     return records
 
 
@@ -445,9 +445,40 @@ def _eps(epsilon: float | None) -> str:
     return "inf" if epsilon is None else f"{epsilon:g}"
 
 
-def write_tables(results: str, path: str) -> None:
+def unfinished(work: str, finished: set[str]) -> str:
+    """Markdown lines for the runs in ``work`` that have checkpointed rounds but no result yet (read from their
+    server checkpoints): rounds done, the accuracy per round, wall time so far, the mechanism so far."""
+    lines = []
+    for name in sorted(os.listdir(work)) if os.path.isdir(work) else []:
+        state_file = os.path.join(work, name, "server", "state.json")
+        key_file = os.path.join(work, name, "run.json")
+        if not (os.path.isfile(state_file) and os.path.isfile(key_file)):
+            continue
+        with open(key_file) as f:
+            key = f.read()
+        if key in finished:
+            continue
+        run = json.loads(key)
+        with open(state_file) as f:
+            history = json.load(f)["history"]
+        if not history:
+            continue
+        mech = {k: statistics.mean(r[k] for r in history if k in r) for k in ("b_norm_median", "clipped")
+                if any(k in r for r in history)}
+        lines.append(f"- {run['method']} epsilon {_eps(run['epsilon'])} lr {run['lr']:g} seed {run['seed']} "
+                     f"({run['split']}): {len(history)} of {run['rounds']} rounds, "
+                     + " ".join(f"{r['eval_accuracy']:.3f}" for r in history)
+                     + f"; {sum(r['seconds'] for r in history):.0f} s"
+                     + (f"; max client epsilon {history[-1]['epsilon_max']:.3f}" if "epsilon_max" in history[-1] else "")
+                     + "".join(f"; {k} {v:.3g}" for k, v in mech.items()))
+    if not lines:
+        return ""
+    return "\nUnfinished runs (accuracy per round so far, from their checkpoints):\n\n" + "\n".join(lines) + "\n"
+
+
+def write_tables(results: str, path: str, work: str | None = None) -> None:
     records = list(load_results(results).values())
-    text = tables(records)
+    text = tables(records) + (unfinished(work, {r["key"] for r in records}) if work else "")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
@@ -514,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     table = args.table or os.path.splitext(args.results)[0] + ".md"
     if args.mode != "table":
         run_all(plan(args, args.mode), args.results, args.work, args.threads, table)
-    write_tables(args.results, table)
+    write_tables(args.results, table, args.work)
     print(open(table).read() if os.path.exists(table) else "no results yet")
     return 0
 
