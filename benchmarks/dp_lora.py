@@ -90,21 +90,25 @@ def build_model(run: Run):
                                      seed=run.seed)
 
 
-def datasets_for(run: Run, prefix, first_layer: int):
-    """``(train, validation, test)`` prefix states for this run's seed and frozen prefix (cached per process)."""
+def datasets_for(run: Run, prefix, first_layer: int, limit: int | None = None):
+    """``(train, validation, test)`` prefix states for this run's seed and frozen prefix (cached per process);
+    ``limit`` keeps only the first ``limit`` snippets of each split (smoke tests)."""
     from hf_svd_plugins.examples import (
         HiddenStateClassification,
+        LabelledText,
         TokenizedClassification,
         minilm_path,
         rotten_tomatoes_splits,
     )
 
-    key = (run.seed, first_layer)
+    key = (run.seed, first_layer, limit)
     if key not in _DATA:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(minilm_path())
         splits = rotten_tomatoes_splits(run.seed, VALIDATION_FRACTION, TEST_FRACTION, full=True)
+        if limit is not None:
+            splits = [LabelledText(s.text[:limit], s.label[:limit]) for s in splits]
         start = time.perf_counter()
         _DATA.clear()  # one prefix level in memory at a time (about 0.5 GB each)
         _DATA[key] = [HiddenStateClassification(TokenizedClassification(s, tok, MAX_LENGTH), prefix) for s in splits]
@@ -158,35 +162,62 @@ def collate_tokens(items: list[dict]) -> dict:
 # ------------------------------------------------------------------------------------------------------ training
 
 
-def make_dp_trainer_class():
-    """DPTrainer that also records, per optimizer step, the fraction of examples clipped and the norm of the clipped
-    mean gradient (read from the trainer's accumulators right before the noise; measurement only)."""
+GROUPS = ("head", "lora_A", "lora_B")
+
+
+def make_dp_trainer_class(sink: list | None = None):
+    """DPTrainer that also records, per optimizer step, the fraction of examples clipped, the norm of the clipped
+    mean gradient (read from the trainer's accumulators right before the noise) and, per parameter group
+    (``head``, ``lora_A``, ``lora_B``, ``all``), the mean, median and max of the examples' gradient norms before
+    clipping (measurement only: the per-example gradients are read, never changed). Records go to the trainer's
+    ``bench_log`` and, when given, are also appended to ``sink`` (a list shared by many trainers, e.g. the clients of
+    a federation)."""
     import torch
 
     from hf_svd_plugins.dp import DPTrainer
     from hf_svd_plugins.dp.clipping import per_sample_norms
 
     class MeasuredDPTrainer(DPTrainer):
-        def _dp_per_sample(self, module, params, inputs):
-            grads, losses = super()._dp_per_sample(module, params, inputs)
-            norms = per_sample_norms([grads[n] for n in params])
-            stats = self.__dict__.setdefault("_bench_step", {"clipped": 0, "seen": 0, "norms": [], "loss": 0.0})
+        def _dp_setup(self):
+            super()._dp_setup()
+            compute = self._dp_engine.compute
+
+            def measured(module, params, inputs):
+                grads, losses = compute(module, params, inputs)
+                self._bench_observe(grads, losses)
+                return grads, losses
+
+            self._dp_engine.compute = measured
+
+        def _bench_observe(self, grads: dict, losses) -> None:
+            names = list(grads)
+            norms = per_sample_norms([grads[n] for n in names])
+            stats = self.__dict__.setdefault("_bench_step", _empty_step())
             stats["loss"] += float(losses.sum())
             stats["clipped"] += int((norms > self.dp_config.max_grad_norm).sum())
             stats["seen"] += int(norms.numel())
             stats["norms"].append(float(norms.median()))
-            return grads, losses
+            stats["group_norms"].setdefault("all", []).append(norms.detach().double())
+            for group in GROUPS:
+                idx = [n for n in names if _group_of(n) == group]
+                if idx:
+                    stats["group_norms"].setdefault(group, []).append(per_sample_norms([grads[n] for n in idx]).double())
 
         def _dp_release_gradient(self, params):
-            acc = self._dp_acc
-            stats = self.__dict__.pop("_bench_step", {"clipped": 0, "seen": 0, "norms": [], "loss": 0.0})
+            acc = self._dp_release.sums  # the clipped sums of this step, before the all-reduce and the noise
+            stats = self.__dict__.pop("_bench_step", _empty_step())
             if acc is not None:
                 record = {"step": self.state.global_step, "clipped": stats["clipped"] / max(1, stats["seen"]),
                           "batch": stats["seen"], "loss": stats["loss"] / max(1, stats["seen"]),
                           "median_norm": statistics.median(stats["norms"]) if stats["norms"] else float("nan")}
+                for group, parts in stats["group_norms"].items():
+                    norms = torch.cat(parts)
+                    record[f"norm_{group}_mean"] = float(norms.mean())
+                    record[f"norm_{group}_median"] = float(norms.median())
+                    record[f"norm_{group}_max"] = float(norms.max())
                 scale = self.noise_multiplier * self.dp_config.max_grad_norm / self.expected_batch_size
                 groups = {"all": range(len(acc))}
-                for group in ("head", "lora_A", "lora_B"):
+                for group in GROUPS:
                     idx = [i for i, n in enumerate(self._dp_param_names) if _group_of(n) == group]
                     if idx:
                         groups[group] = idx
@@ -196,10 +227,18 @@ def make_dp_trainer_class():
                     record[f"noise_{group}"] = scale * math.sqrt(sum(acc[i].numel() for i in idx))
                 record["signal"], record["noise"] = record["signal_all"], record["noise_all"]
                 self.__dict__.setdefault("bench_log", []).append(record)
+                if sink is not None:
+                    sink.append(record)
             with torch.no_grad():
                 return super()._dp_release_gradient(params)
 
     return MeasuredDPTrainer
+
+
+def _empty_step() -> dict:
+    """The per-step accumulator of :func:`make_dp_trainer_class`: examples seen and clipped, summed loss, the
+    per-micro-batch median norms, and per group the micro-batches' per-example norms."""
+    return {"clipped": 0, "seen": 0, "norms": [], "loss": 0.0, "group_norms": {}}
 
 
 def collate(items):
@@ -299,15 +338,19 @@ def parameter_norms(top) -> dict:
 # ----------------------------------------------------------------------------------------------------- bookkeeping
 
 
+def read_records(path: str) -> list[dict]:
+    """The JSON lines of a results file, in order ([] if it does not exist yet)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def load_results(path: str) -> dict[str, dict]:
     done = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    rec = json.loads(line)
-                    fields = {k: v for k, v in rec["run"].items() if k in Run.__dataclass_fields__}
-                    done[Run(**{**fields, "targets": tuple(fields["targets"])}).key()] = rec
+    for rec in read_records(path):
+        fields = {k: v for k, v in rec["run"].items() if k in Run.__dataclass_fields__}
+        done[Run(**{**fields, "targets": tuple(fields["targets"])}).key()] = rec
     return done
 
 

