@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from launch import free_port
 
 from hf_svd_plugins import distributed as hd
 
@@ -60,12 +60,6 @@ def test_all_reduce_refuses_mixed_dtypes(monkeypatch):
         hd.all_reduce_sum_([torch.ones(2), torch.ones(2, dtype=torch.float64)])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -85,7 +79,7 @@ def _worker(rank: int, port: int, out: dict) -> None:
 def test_real_two_process_gloo_results():
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
+        mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
         results = dict(out)
     for rank, (a, b, seed, flag, w, r, ws) in results.items():
         assert torch.equal(a, torch.full((2, 3), 3.0, dtype=torch.float64))
