@@ -94,7 +94,12 @@ def _tokenizer_or_vocab(path: str):
     if os.path.isfile(os.path.join(path, CHAR_VOCAB)):
         with open(os.path.join(path, CHAR_VOCAB), encoding="utf-8") as f:
             return None, f.read()
-    return AutoTokenizer.from_pretrained(path), None
+    try:
+        return AutoTokenizer.from_pretrained(path), None
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--model-a/--model-b {path}: no tokenizer could be loaded from it ({type(exc).__name__}); "
+                         f"save the tokenizer next to the weights (tokenizer.save_pretrained), or merge the weights "
+                         f"alone with `hf-svd merge`") from exc
 
 
 def _tiny_config(args, vocab_size: int):

@@ -337,3 +337,14 @@ def test_compress_fwsvd_under_accelerate_launch(config, tmp_path):
     assert proc.stdout.count("reloaded with from_pretrained: same logits") == 1
     assert proc.stdout.count("saved the compressed model to") == 1
     assert os.path.isfile(tmp_path / "compressed" / "model.safetensors")
+
+
+def test_merge_models_names_a_checkpoint_without_a_tokenizer(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    for name in ("a", "b"):
+        LlamaForCausalLM(config).save_pretrained(tmp_path / name)
+    with pytest.raises(SystemExit, match="no tokenizer could be loaded"):
+        _recipe("merge_models").main(["--model-a", str(tmp_path / "a"), "--model-b", str(tmp_path / "b")])
