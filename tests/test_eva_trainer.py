@@ -175,3 +175,14 @@ def test_prebuilt_optimizer_with_rho_above_one_is_refused(tmp_path):
     with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
         Trainer(model=model, args=args, train_dataset=TinyTokenDataset(n=8), data_collator=pad_collate,
                 callbacks=[EvaCallback(rho=2.0)], optimizers=(optimizer, None))
+
+
+@pytest.mark.parametrize("lora_kwargs", [{"use_dora": True}, {"lora_bias": True}])
+def test_rho_above_one_with_dora_or_lora_bias_is_refused(tmp_path, lora_kwargs):
+    """A rank-0 module would keep training its DoRA magnitude / lora_B bias, which the saved adapter drops (a review
+    measured logits 0.006 / 0.161 off after reload); rho=1 never gives rank 0 and stays allowed."""
+    model = tiny_lora_model("llama", r=4, **lora_kwargs)
+    with pytest.raises(ValueError, match="eva_init"):
+        make_trainer(tmp_path, model, EvaCallback(rho=2.0, show_progress_bar=False), max_steps=1)
+    make_trainer(tmp_path, tiny_lora_model("llama", r=4, **lora_kwargs), EvaCallback(rho=1.0, show_progress_bar=False),
+                 max_steps=1)

@@ -169,6 +169,15 @@ class EvaCallback(TrainerCallback, ExportableState):
         adapter = pairs[0].adapter
         if self._prepared == (id(peft_model), adapter):
             return
+        lora_config = peft_model.peft_config[adapter]
+        if self.config.rho > 1 and (getattr(lora_config, "use_dora", False) or getattr(lora_config, "lora_bias", False)):
+            # a module given rank 0 keeps training its DoRA magnitude / lora_B bias, which saving drops
+            raise ValueError(
+                f"EvaCallback(rho={self.config.rho}) with LoraConfig(use_dora=True) or lora_bias=True: a module that "
+                "EVA gives rank 0 would still train its DoRA magnitude or LoRA bias, and the saved adapter (which "
+                "leaves rank-0 modules out) would not reproduce the model. Call `eva_init(model, dataloader)` before "
+                "building the Trainer (it removes rank-0 adapters), or use rho=1"
+            )
         layout = adapter_layout(peft_model, adapter)
         if layout.saved_layout is None and allow_growth:
             grow_to_max_rank(peft_model, pairs, self.config)
