@@ -55,6 +55,7 @@ sys.path.insert(0, HERE)
 from dp_lora import Run as _StudyRun  # noqa: E402
 from dp_lora import datasets_for, make_dp_trainer_class, read_records  # noqa: E402
 from fedsvd import METHODS, plot_accuracy_per_round  # noqa: E402
+from run_locks import claim, held, lock_path  # noqa: E402
 
 DEFAULT_RESULTS = os.path.join(HERE, "results", "fedsvd_private.jsonl")
 DEFAULT_WORK = os.path.join("outputs", "fedsvd_private")
@@ -267,7 +268,7 @@ def run_all(runs, results: str, work: str, threads: int, table: str | None) -> l
         if run.key() in done:
             records.append(done[run.key()])
             continue
-        if not claim(work, run):
+        if not claim(work, run.name()):
             print(f"[run {i + 1}/{len(runs)}] {describe(run)}: running in another process, skipped", flush=True)
             continue
         try:
@@ -277,50 +278,12 @@ def run_all(runs, results: str, work: str, threads: int, table: str | None) -> l
             with open(results, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         finally:
-            os.remove(lock_path(work, run))
+            os.remove(lock_path(work, run.name()))
         records.append(rec)
         print(f"    -> {run.split} accuracy {rec['accuracy']:.4f} in {rec['seconds']:.0f} s", flush=True)
         if table:
             write_tables(results, table, work)
     return records
-
-
-def lock_path(work: str, run: FedRun) -> str:
-    return os.path.join(work, run.name() + ".lock")
-
-
-def claim(work: str, run: FedRun) -> bool:
-    """Create ``run``'s lock file holding our pid; False if a live process holds it (a dead holder's is replaced)."""
-    os.makedirs(work, exist_ok=True)
-    path = lock_path(work, run)
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        if held(work, run):
-            return False
-        os.remove(path)  # the holder died; its run resumes from the last round it checkpointed
-        return claim(work, run)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    return True
-
-
-def held(work: str, run: FedRun) -> bool:
-    """Whether a live process holds ``run``'s lock file."""
-    try:
-        with open(lock_path(work, run)) as f:
-            pid = int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        return False
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def describe(run: FedRun) -> str:
@@ -375,7 +338,7 @@ def final_run(args, method: str, epsilon: float | None, seed: int, wait: bool = 
             lr = chosen_lr(list(load_results(args.results).values()), method, level, grid)
             break
         except SystemExit:
-            if not wait or not any(held(args.work, r) for r in grid):
+            if not wait or not any(held(args.work, r.name()) for r in grid):
                 raise
             time.sleep(20)
     return FedRun(method, epsilon, lr, seed=seed, split="test", rounds=args.rounds,

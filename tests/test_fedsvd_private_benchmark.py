@@ -97,3 +97,21 @@ def test_measured_dp_client_records_each_examples_gradient_norms_per_group(tmp_p
     summary = round_mechanism(sink + [dict(rec, clipped=0.0, norm_lora_B_max=99.0)])
     assert summary["clipped"] == pytest.approx(rec["clipped"] / 2)
     assert summary["b_norm_median"] == pytest.approx(rec["norm_lora_B_median"]) and summary["b_norm_max"] == 99.0
+
+
+def test_run_locks_skip_a_live_holder_and_take_over_from_a_dead_one(tmp_path):
+    import subprocess
+
+    from run_locks import claim, held, lock_path
+
+    work = str(tmp_path)
+    assert claim(work, "run-a") and held(work, "run-a")
+    assert not claim(work, "run-a")  # we hold it: another claimant must skip it
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(lock_path(work, "run-b"), "w") as f:
+        f.write(str(dead.pid))
+    assert not held(work, "run-b")
+    assert claim(work, "run-b")  # the holder died: the run is resumed by whoever claims it next
+    with open(lock_path(work, "run-b")) as f:
+        assert int(f.read()) == os.getpid()
