@@ -62,6 +62,7 @@ def test_recipe_help():
         ("compress_fwsvd", ["--fisher-batches", "0"], "--fisher-batches must be >= 1"),
         ("merge_models", ["--model-a", "run0"], "--model-a and --model-b go together"),
         ("merge_models", ["--points", "2"], "--points must be >= 3"),
+        ("merge_models", ["--threads", "0"], "--threads must be >= 1"),
         ("merge_models", ["--model", "gpt2", "--model-a", "a", "--model-b", "b"], "exclude each other"),
         ("dp_finetune", ["--target-epsilon", "0"], "--target-epsilon must be > 0"),
         ("dp_finetune", ["--task", "rl"], "invalid choice: 'rl'"),
@@ -110,6 +111,8 @@ def test_launch_config_from_what_accelerate_exports(env, config):
                             "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, "deepspeed_zero3_offload"),
         ("merge_models", {"WORLD_SIZE": "2"}, "cpu_ddp_2proc"),
         ("dp_finetune", {**DEEPSPEED, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "deepspeed_zero3"),
+        ("dp_finetune", {**DEEPSPEED, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+                         "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, "deepspeed_zero3_offload"),
         ("dp_finetune", {"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, "fsdp"),
         ("federated_fedsvd", {"WORLD_SIZE": "2"}, "cpu_ddp_2proc"),
         ("federated_fedsvd", {"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "2"}, "fsdp"),
@@ -288,22 +291,23 @@ def test_compress_fwsvd_default_compresses_packaged_minilm(tmp_path, capsys, ten
 
 @pytest.mark.slow
 def test_merge_models_default_and_given_checkpoints(tmp_path, capsys, tensorboard):
+    """The literal default (no training options: 60 steps per model, ~20 s), where weight matching must cut the
+    barrier (0.087 vs 0.233 nats when measured), then the given-checkpoints path on its outputs, shortened."""
     _needs("scattertext")
     from transformers import AutoModelForCausalLM
 
-    common = ["--max-steps", "2", "--limit", "60", "--batch-size", "8", "--eval-batches", "1", "--points", "3"]
-    out = _recipe("merge_models").main([*common, "--output-dir", str(tmp_path / "trained"), "--report-to",
-                                        "tensorboard"])
+    out = _recipe("merge_models").main(["--output-dir", str(tmp_path / "trained"), "--report-to", "tensorboard"])
     for tag in ("merge/objective", "merge/eval_loss", "merge/barrier_naive", "merge/barrier_weight_matching"):
         assert f"train/{tag}" in tensorboard.scalars, (tag, sorted(tensorboard.scalars))
     assert tensorboard.scalars["train/merge/barrier_naive"][-1] == pytest.approx(out["barrier_naive"])
     printed = capsys.readouterr().out
     assert "weight_matching" in printed and f"saved the weight-matching merge to {tmp_path / 'trained' / 'merged'}" in printed
-    assert out["barrier_naive"] >= 0 and out["barrier_weight_matching"] >= 0
+    assert 0 <= out["barrier_weight_matching"] < 0.6 * out["barrier_naive"]
     merged = AutoModelForCausalLM.from_pretrained(out["output_dir"])
     seed0 = AutoModelForCausalLM.from_pretrained(tmp_path / "trained" / "seed0")
     assert merged.config.model_type == "gpt2" and merged.config.vocab_size == seed0.config.vocab_size
     # the checkpoint path: the saved seed-0 model and the merge, with the saved character vocabulary
+    common = ["--limit", "60", "--batch-size", "8", "--eval-batches", "1", "--points", "3"]
     again = _recipe("merge_models").main([*common, "--model-a", str(tmp_path / "trained" / "seed0"), "--model-b",
                                           out["output_dir"], "--output-dir", str(tmp_path / "given")])
     assert os.path.isfile(os.path.join(again["output_dir"], "model.safetensors"))
@@ -372,6 +376,35 @@ def test_compress_fwsvd_under_accelerate_launch(config, tmp_path):
     assert proc.stdout.count("reloaded with from_pretrained: same logits") == 1
     assert proc.stdout.count("saved the compressed model to") == 1
     assert os.path.isfile(tmp_path / "compressed" / "model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sft_eva_tiny_under_deepspeed_zero3(tmp_path):
+    """The TRL recipe under ZeRO-3 on 2 processes: EVA redistributes ranks over the sharded base, the saved adapter
+    (one, by rank 0) has the redistributed shapes and loads onto the same tiny Llama with PEFT."""
+    _needs("deepspeed", "trl")
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from tiny import tiny_model
+
+    proc = accelerate_launch(config_flags("deepspeed_zero3"), os.path.join(RECIPES, "sft_eva.py"), "--tiny",
+                             "--max-steps", "3", "--batch-size", "2", "--max-length", "16", "--eva-max-batches", "2",
+                             "--output-dir", tmp_path, "--report-to", "none")
+    assert proc.stdout.count("saved the EVA LoRA adapter to") == 1
+    final = tmp_path / "final"
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["rank_pattern"] and set(config["rank_pattern"].values()) != {config["r"]}
+    weights = load_file(final / "adapter_model.safetensors")
+    for name, a in weights.items():
+        if "lora_A" in name:
+            module = name.split("base_model.model.", 1)[1].rsplit(".lora_A", 1)[0]
+            rank = config["rank_pattern"].get(module, config["r"])
+            assert a.shape[0] == rank == weights[name.replace("lora_A", "lora_B")].shape[1], name
+            assert torch.count_nonzero(a) > 0, name
+    loaded = PeftModel.from_pretrained(tiny_model("llama", spectral_decay=0.7), str(final))
+    assert torch.isfinite(loaded(input_ids=torch.tensor([[2, 3, 4, 5]])).logits).all()
 
 
 def test_merge_models_names_a_checkpoint_without_a_tokenizer(tmp_path):
