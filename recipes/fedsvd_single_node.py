@@ -11,7 +11,7 @@ times the singular values; the adapter's function is unchanged) and B's Adam mom
     accelerate launch --config_file accelerate_configs/deepspeed_zero3.yaml recipes/fedsvd_single_node.py
 
 Runs under a single process and every config in ``accelerate_configs/`` (DDP, DeepSpeed ZeRO-2, ZeRO-3, ZeRO-3 +
-offload); FSDP is refused.
+CPU-offloaded optimizer: DeepSpeed's CPU Adam, and FSDP2 on GPUs).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     from hf_svd_plugins import FedSVDCallback
     from hf_svd_plugins.examples import TokenizedClassification
     from hf_svd_plugins.fedsvd import accuracy_metrics, freeze_lora_A
+    from hf_svd_plugins.lora import gathered_parameters
 
     train, test = common.load_labelled(args.dataset, args.text_column, args.label_column, args.seed, args.limit)
     model, tokenizer = common.lora_classifier(args.model, max(train.label) + 1, args.rank, args.seed)
@@ -66,10 +67,18 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"eval_accuracy": trainer.evaluate()["eval_accuracy"],
               "refactorizations": callbacks[0].n_refactorizations if callbacks else 0}
     final = os.path.join(args.output_dir, "final")
-    trainer.save_model(final)
+    trainer.save_model(final)  # tokenizer and arguments; under ZeRO-3 only the *trainable* adapter weights
+    # A is frozen but refactorized: transformers' ZeRO-3 save drops frozen parameters, so write the whole adapter
+    adapter = [p for name, p in model.named_parameters() if "lora_" in name or p.requires_grad]
+    with gathered_parameters(adapter):
+        if trainer.is_world_process_zero():
+            model.save_pretrained(final)
+    optimizer = trainer.optimizer
+    while hasattr(optimizer, "optimizer"):  # accelerate's wrapper, DeepSpeed's ZeRO wrapper, ...
+        optimizer = optimizer.optimizer
     if trainer.is_world_process_zero():
         print(f"eval_accuracy={result['eval_accuracy']:.4f} after {args.max_steps} steps, "
-              f"{result['refactorizations']} refactorizations", flush=True)
+              f"{result['refactorizations']} refactorizations (optimizer {type(optimizer).__name__})", flush=True)
     common.saved("the LoRA adapter", final)
     return {**result, "output_dir": final}
 

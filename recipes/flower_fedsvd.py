@@ -6,6 +6,7 @@ SuperLink and SuperNodes (docs/deploy.md); this script runs the same apps under 
 
     python recipes/flower_fedsvd.py                                   # non-private FedSVD, a few minutes on 2 CPUs
     python recipes/flower_fedsvd.py --method ffa_lora --fraction 0.5 --rounds 8
+    python recipes/flower_fedsvd.py --target-epsilon 8 --max-grad-norm 0.5   # DP clients, epsilon 8 over all rounds
     python recipes/flower_fedsvd.py --dp-noise-multiplier 1.0 --max-epsilon 8
 
 One process drives the simulation (Ray starts the workers); ``accelerate launch`` with several processes is refused.
@@ -23,7 +24,7 @@ from fedsvd_app import build_apps, client_shards, parse_args  # noqa: E402
 
 from hf_svd_plugins.recipe_args import require_launch_config, saved  # noqa: E402
 
-__all__ = ["client_shards", "main", "parse_args", "print_metrics"]
+__all__ = ["client_shards", "main", "parse_args", "print_metrics", "run"]
 
 
 def print_metrics(metrics: dict) -> None:
@@ -38,7 +39,12 @@ def print_metrics(metrics: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the federation under the simulation engine; returns the server's ``metrics.json`` content."""
-    args = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(args) -> dict:
+    """:func:`main` for parsed arguments, e.g. ``fedsvd_app.args_from_run_config(run_config)``: a Flower run config
+    (the app's ``pyproject.toml`` keys) under the simulation engine."""
     require_launch_config("the Flower simulation", ("single",))
     from flwr.simulation import run_simulation
 

