@@ -179,3 +179,72 @@ def test_federated_fedsvd_recipe_writes_tensorboard(tmp_path, capsys):
     assert scalars["eval/accuracy"] == [(r["round"], pytest.approx(r["eval_accuracy"], rel=1e-6)) for r in history]
     assert f"tensorboard --logdir {tmp_path / 'runs'}" in capsys.readouterr().out
     assert not glob.glob(str(tmp_path / "clients" / "*" / "runs")), "clients report nothing in the recipe"
+
+
+class _LocalGrid:
+    """What ``Strategy.start`` uses of a Flower ``Grid``, answering with the ClientApp's train handler in this
+    process (the Ray simulation and the deployment engine are tested in test_fedsvd_flower / test_flower_deployment)."""
+
+    def __init__(self, datasets, output_dir):
+        from hf_svd_plugins.fedsvd.flower import client_train
+
+        self.datasets, self.output_dir, self.train = datasets, output_dir, client_train
+        self.model = tiny_lora_model("llama", r=4)
+
+    def get_node_ids(self):
+        return list(range(1, len(self.datasets) + 1))
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Message
+
+        replies = []
+        for msg in messages:
+            pid = msg.metadata.dst_node_id - 1
+            content = self.train(self.model, msg.content, self.datasets[pid], partition_id=pid, local_steps=1, seed=0,
+                                 output_dir=self.output_dir, training_args=TRAIN, data_collator=pad_collate)  # fmt: skip
+            replies.append(Message(content=content, reply_to=msg))
+        return replies
+
+
+def test_flower_server_app_rounds_reach_tensorboard(tmp_path, monkeypatch):
+    """The ServerApp's per-round rows (aggregated client metrics + central evaluation, round 0 = initial adapter)
+    land in its TensorBoard run and equal what it writes to metrics.json; a callback sees every round."""
+    pytest.importorskip("flwr")
+    import json
+
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from hf_svd_plugins.fedsvd.flower import make_evaluate_fn, make_server_app
+
+    for attr, value in (("_task_id", 1), ("_run_id", 7), ("_node_id", 0)):  # what the Flower runtime sets
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+    def model_fn():
+        return tiny_lora_model("llama", r=4)
+
+    recorder = Recorder()
+    out = str(tmp_path / "server")
+    evaluate_fn = make_evaluate_fn(model_fn, TinyTokenDataset(n=16, seed=9), data_collator=pad_collate,
+                                   training_args={"use_cpu": True}, output_dir=str(tmp_path / "eval"))  # fmt: skip
+    app = make_server_app(model_fn, num_rounds=2, evaluate_fn=evaluate_fn, output_dir=out, report_to="tensorboard",
+                          callbacks=[recorder])  # fmt: skip
+    grid = _LocalGrid([TinyTokenDataset(n=16, seed=s) for s in (1, 2)], str(tmp_path / "clients"))
+    app(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    scalars = _scalars(os.path.join(out, "runs", "server-run7"))
+    assert scalars["eval/loss"] == [(r, pytest.approx(metrics["server_eval"][str(r)]["eval_loss"], rel=1e-6))
+                                    for r in (0, 1, 2)]  # fmt: skip
+    assert scalars["train/train-loss"] == [(r, pytest.approx(metrics["train"][str(r)]["train-loss"], rel=1e-6))
+                                           for r in (1, 2)]  # fmt: skip
+    assert [e[:2] for e in recorder.events] == [("begin", 0), ("log", 0), ("log", 1), ("log", 2), ("end", 2)]
+
+
+def test_flower_server_app_refuses_a_bad_report_to_when_built(tmp_path):
+    pytest.importorskip("flwr")
+    from hf_svd_plugins.fedsvd.flower import make_server_app
+
+    with pytest.raises(ValueError, match="report_to='tensorbord'"):
+        make_server_app(lambda: tiny_lora_model("llama", r=4), output_dir=str(tmp_path), report_to="tensorbord")

@@ -16,7 +16,7 @@ fixed directory, so a resumed federation appends to the same run and its curve c
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -28,10 +28,7 @@ from transformers.integrations import (
 )
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
-__all__ = ["RoundReporter", "check_report_to", "scalar_logs"]
-
-#: the sub-directory of ``output_dir`` holding the server's TensorBoard event files
-SERVER_RUN = os.path.join("runs", "server")
+__all__ = ["RoundReporter", "check_report_to", "reporting_evaluate_fn", "scalar_logs"]
 
 
 def check_report_to(value: Any, name: str = "report_to") -> list[str]:
@@ -80,9 +77,11 @@ class RoundReporter:
             "tensorboard"]``, ``"all"``, ``"none"``).
         callbacks: more ``TrainerCallback`` classes or instances (they see ``on_train_begin``, ``on_log``,
             ``on_train_end``; setting ``control.should_training_stop`` in ``on_log`` ends the run after the round).
-        output_dir: the server's directory; TensorBoard writes to ``output_dir/runs/server``.
+        output_dir: the server's directory; TensorBoard writes to ``output_dir/runs/<tensorboard_run>``.
         model: passed to the callbacks as ``model=`` (TensorBoard logs its config as text).
         run_name: ``TrainingArguments.run_name`` (the W&B / MLflow run name).
+        tensorboard_run: the TensorBoard run directory under ``output_dir/runs`` (default ``server``: a resumed
+            federation appends to it).
 
     Raises:
         TypeError, ValueError: on a bad ``report_to`` (see :func:`check_report_to`) or a callback that is not a
@@ -97,6 +96,7 @@ class RoundReporter:
         output_dir: str | os.PathLike,
         model: nn.Module | None = None,
         run_name: str | None = None,
+        tensorboard_run: str = "server",
     ) -> None:
         self.report_to = check_report_to(report_to)
         user = list(callbacks or [])
@@ -108,7 +108,7 @@ class RoundReporter:
         integrations = [cls() for cls in get_reporting_integration_callbacks(self.report_to)]
         for cb in integrations:
             if isinstance(cb, TensorBoardCallback) and cb.logging_dir is None:  # None unless TENSORBOARD_LOGGING_DIR
-                cb.logging_dir = os.path.join(self.output_dir, SERVER_RUN)
+                cb.logging_dir = os.path.join(self.output_dir, "runs", tensorboard_run)
         self.args = TrainingArguments(
             output_dir=self.output_dir, report_to=self.report_to, run_name=run_name, logging_steps=1,
             disable_tqdm=True, save_strategy="no",
@@ -140,3 +140,26 @@ class RoundReporter:
     def end(self) -> None:
         """The run ends (integrations flush and close their writers / runs)."""
         self.control = self.handler.on_train_end(self.args, self.state, self.control)
+
+
+def reporting_evaluate_fn(
+    evaluate_fn: Callable[[int, Any], Mapping[str, Any] | None] | None,
+    train_metrics: Mapping[int, Mapping[str, Any]],
+    reporter: RoundReporter,
+) -> Callable[[int, Any], Mapping[str, Any] | None]:
+    """A Flower ``evaluate_fn`` that runs ``evaluate_fn`` (if any), then logs the round's row: ``train_metrics
+    [round]`` (e.g. ``FedSVD.train_metrics``, filled by the strategy's aggregation) and the evaluation's metrics.
+
+    ``Strategy.start`` calls ``evaluate_fn`` after every round's aggregation (and at round 0, before training): the
+    one per-round hook of a Flower ``ServerApp``. A callback's ``control.should_training_stop`` is not honoured
+    there (Flower runs all its rounds).
+    """
+
+    def evaluate_and_report(server_round: int, arrays: Any) -> Mapping[str, Any] | None:
+        result = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
+        row = {**dict(train_metrics.get(server_round, {})), **dict(result or {})}
+        if row:
+            reporter.log(server_round, row)
+        return result
+
+    return evaluate_and_report
