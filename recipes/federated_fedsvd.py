@@ -7,7 +7,13 @@ by SVD (``fedsvd``) and evaluates the global adapter on the test snippets. The s
 round under ``<output-dir>/server``: rerunning the same command resumes where it stopped.
 ``--dp-target-epsilon`` makes every client a DPTrainer whose budget covers all rounds.
 
+The per-round server metrics (``eval/accuracy``, ``eval/loss``, ``train/train_loss``, ``train/epsilon_max``, ...; step =
+round) go to ``--report-to`` through transformers' own integrations (default: TensorBoard if it is installed), in
+``<output-dir>/runs/server``; a resumed run continues the same curve. The clients' Trainers report nothing (their steps
+restart every round; the server row carries what matters).
+
     python recipes/federated_fedsvd.py
+    python recipes/federated_fedsvd.py --report-to tensorboard && tensorboard --logdir outputs/federated_fedsvd/runs
     python recipes/federated_fedsvd.py --method ffa_lora --clients 8 --fraction 0.5 --rounds 10
     python recipes/federated_fedsvd.py --dp-target-epsilon 8
 
@@ -65,6 +71,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     client_args = common.training_kwargs(args)
     for key in ("max_steps", "seed"):  # set by the federation per round and client
         client_args.pop(key)
+    report_to = client_args.pop("report_to")  # the server's rows, not every client's restart-at-0 steps
     trainer_cls, trainer_kwargs = Trainer, None
     if args.dp_target_epsilon is not None:
         from hf_svd_plugins import DPConfig, DPTrainer
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         alpha=args.alpha, eval_dataset=TokenizedClassification(test, tokenizer, args.max_length),
         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy_metrics,
         training_args=client_args, trainer_cls=trainer_cls, trainer_kwargs=trainer_kwargs,
-        output_dir=args.output_dir, seed=args.seed,
+        output_dir=args.output_dir, seed=args.seed, report_to=report_to,
     )
     print(f"{args.method}: {args.clients} clients (shard sizes {federation.client_sizes}), "
           f"{federation.clients_per_round} per round, {args.rounds} rounds x {args.max_steps} local steps", flush=True)
@@ -90,6 +97,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     federation.load_global_into_model()
     final = os.path.join(args.output_dir, "final")
     model.save_pretrained(final)
+    if "tensorboard" in report_to:
+        print(f"TensorBoard: tensorboard --logdir {os.path.join(args.output_dir, 'runs')}")
     common.saved(f"the global adapter (metrics: {federation.write_metrics_csv()})", final)
     return history
 

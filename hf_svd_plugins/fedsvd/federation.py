@@ -8,6 +8,9 @@ PEFT's ``modules_to_save``) are averaged the same way under every method.
 
 The server state (round, global ``A``/``B`` and extras, config, sampling RNG, metric history) is checkpointed every
 round to ``output_dir/server``; ``run`` resumes from it and reproduces an uninterrupted run.
+
+Each round's metric row also goes to ``report_to`` (TensorBoard, W&B, ... through transformers' own integration
+callbacks) and to ``callbacks``, with the round as the step (:class:`~hf_svd_plugins.fedsvd.reporting.RoundReporter`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_svd_plugins.fedsvd.client import (
     LoraUpdate,
@@ -40,6 +43,7 @@ from hf_svd_plugins.fedsvd.client import (
 )
 from hf_svd_plugins.fedsvd.core import aggregate_lora, aggregate_weighted, check_method, is_finite_update
 from hf_svd_plugins.fedsvd.partition import partition_dirichlet, partition_iid
+from hf_svd_plugins.fedsvd.reporting import RoundReporter, check_report_to
 from hf_svd_plugins.lora import find_lora_pairs, read_lora_weights
 
 logger = logging.getLogger(__name__)
@@ -78,6 +82,15 @@ class Federation:
         output_dir: where the server checkpoint (``server/``), ``metrics.csv`` and client scratch dirs go.
         seed: seeds the partition, the client sampling and every client Trainer (``seed + 1000 * round + client``).
         adapter_name: the LoRA adapter (default: the active one).
+        report_to: where the server's per-round rows go, as ``TrainingArguments.report_to`` (``"tensorboard"``,
+            ``["wandb", "tensorboard"]``, ``"all"``, ``"none"``); step = round. Default ``None``: the clients'
+            ``training_args["report_to"]`` if set, else ``"none"`` (transformers' default). TensorBoard writes to
+            ``output_dir/runs/server``, one directory across resumes; each client Trainer keeps its own
+            ``report_to`` (``training_args``), with steps restarting at 0 every round.
+        callbacks: ``TrainerCallback`` classes or instances that get the server's ``on_train_begin`` / ``on_log`` (one
+            row per round, ``state.global_step`` = round) / ``on_train_end``; a callback that sets
+            ``control.should_training_stop`` ends ``run`` after that round (the state is saved: ``run`` resumes).
+            Client Trainers' callbacks go in ``trainer_kwargs["callbacks"]``.
     """
 
     def __init__(
@@ -102,6 +115,8 @@ class Federation:
         output_dir: str | os.PathLike = "fedsvd_federation",
         seed: int = 0,
         adapter_name: str | None = None,
+        report_to: str | Sequence[str] | None = None,
+        callbacks: Sequence[TrainerCallback | type[TrainerCallback]] | None = None,
     ) -> None:
         self.method = check_method(method)
         if client_datasets is not None:
@@ -126,6 +141,10 @@ class Federation:
                 raise ValueError(f"training_args must not set {key!r}; pass Federation({ours}=...) instead")
 
         check_client_trainer_kwargs(trainer_kwargs)
+        client_report_to = check_report_to(training_args.get("report_to"), "training_args['report_to']")
+        self.reporter = RoundReporter(
+            client_report_to if report_to is None else report_to, callbacks, output_dir=output_dir, model=model
+        )
         self.model = model
         self.num_clients = num_clients
         self.client_fraction = float(client_fraction)
@@ -174,6 +193,7 @@ class Federation:
         }
         self.rng = np.random.default_rng(self.seed)
         self.history: list[dict[str, Any]] = []
+        self.stop_requested = False  # set by a callback's control.should_training_stop in the last round
         # per client (str id): state kept between rounds, e.g. a DP accountant's history; JSON-serialisable
         self.client_states: dict[str, dict[str, Any]] = {}
 
@@ -383,6 +403,7 @@ class Federation:
         self.save_state()
         self.write_metrics_csv()
         logger.info("federation %s", row)
+        self.stop_requested = self.reporter.log(self.round, row)
         return row
 
     def run(self, rounds: int, resume: bool = True) -> list[dict[str, Any]]:
@@ -397,7 +418,13 @@ class Federation:
         if resume and self.round == 0:
             if self.load_state():
                 logger.info("federation resumed at round %d from %s", self.round, self.server_dir)
-        while self.round < rounds:
-            self.run_round()
+        if self.round < rounds:
+            self.reporter.begin(self.round, rounds, self.history)
+            while self.round < rounds:
+                self.run_round()
+                if self.stop_requested:
+                    logger.info("federation stopped by a callback after round %d", self.round)
+                    break
+            self.reporter.end()
         self.load_global_into_model()
         return self.history

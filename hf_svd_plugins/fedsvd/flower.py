@@ -37,7 +37,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from safetensors.torch import save_file
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_svd_plugins.fedsvd.client import (
     check_client_trainer_kwargs,
@@ -49,6 +49,7 @@ from hf_svd_plugins.fedsvd.client import (
     trainable_extra_names,
 )
 from hf_svd_plugins.fedsvd.core import aggregate_lora, aggregate_weighted, check_method, is_finite_update, trains_a
+from hf_svd_plugins.fedsvd.reporting import RoundReporter, reporting_evaluate_fn
 from hf_svd_plugins.lora import find_lora_pairs, read_lora_weights
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class FedSVD(FedAvg):
         self.global_extra: dict[str, torch.Tensor] = {}
         self.rejected: dict[int, list[int]] = {}
         self.client_epsilons: dict[int, dict[str, float]] = {}
+        self.train_metrics: dict[int, MetricRecord] = {}  # the aggregated reply metrics of each round
 
     def summary(self) -> None:
         logger.info("FedSVD strategy, method=%s", self.method)
@@ -197,6 +199,7 @@ class FedSVD(FedAvg):
         if spectrum:
             tops = [float(s[0]) for s in spectrum.values() if s.numel()]
             metrics["sigma-max-mean"] = sum(tops) / max(1, len(tops))
+        self.train_metrics[server_round] = metrics
         return lora_to_arrayrecord(new, extra_avg), metrics
 
     def latest_client_epsilons(self) -> dict[str, float]:
@@ -445,6 +448,8 @@ def make_server_app(
     min_available_nodes: int = 1,
     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     output_dir: str | None = None,
+    report_to: str | list[str] | None = "none",
+    callbacks: list[TrainerCallback | type[TrainerCallback]] | None = None,
 ) -> ServerApp:
     """A Flower ``ServerApp`` running :class:`FedSVD` from ``model_fn()``'s initial adapter for ``num_rounds``.
 
@@ -453,8 +458,15 @@ def make_server_app(
     clients), ``server_eval`` (``evaluate_fn``'s results, round 0 = the initial adapter, see
     :func:`make_evaluate_fn`), ``rejected`` (NaN/Inf replies) and ``client_epsilon`` (``{round: {partition id:
     epsilon}}``).
+
+    ``report_to`` (as ``TrainingArguments.report_to``; default ``"none"``) and ``callbacks`` get one row per round,
+    step = server round (:func:`~hf_svd_plugins.fedsvd.reporting.reporting_evaluate_fn`): the aggregated client
+    metrics (``train/train-loss``, ``train/epsilon-max``, ...) and ``evaluate_fn``'s (``eval/loss``; round 0 = the
+    initial adapter). TensorBoard writes to ``<output_dir or "fedsvd_flower">/runs/server-run<run id>``.
     """
     check_method(method)
+    log_dir = output_dir or "fedsvd_flower"
+    RoundReporter(report_to, callbacks, output_dir=log_dir)  # bad values fail here, before any round
     app = ServerApp()
 
     @app.main()
@@ -472,7 +484,13 @@ def make_server_app(
             min_train_nodes=min_train_nodes,
             min_available_nodes=min_available_nodes,
         )
-        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=num_rounds, evaluate_fn=evaluate_fn)
+        reporter = RoundReporter(report_to, callbacks, output_dir=log_dir, model=model,
+                                 tensorboard_run=f"server-run{context.run_id}")  # fmt: skip
+        round_fn = reporting_evaluate_fn(evaluate_fn, strategy.train_metrics, reporter) if reporter.active else None
+        reporter.begin(0, num_rounds)
+        result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=num_rounds,
+                                evaluate_fn=round_fn or evaluate_fn)  # fmt: skip
+        reporter.end()
         if output_dir is not None:
             os.makedirs(output_dir, exist_ok=True)
             save_file(result.arrays.to_torch_state_dict(), os.path.join(output_dir, "final.safetensors"))
