@@ -47,6 +47,7 @@ def test_recipe_help_runs():
         (["--dp-noise-multiplier", "1", "--max-epsilon", "-1"], "--max-epsilon must be > 0"),
         (["--method", "fedprox"], "invalid choice: 'fedprox'"),
         (["--clients", "8", "--train-size", "10"], "--train-size must be >= 2 x --clients"),
+        (["--report-to", "tensorbord"], "--report-to=['tensorbord']"),
     ],
 )
 def test_recipe_rejects_bad_arguments(argv, message, capsys):
@@ -65,6 +66,17 @@ def _app_run_config(**overrides) -> dict:
     for key in overrides:
         assert key in config, f"{key} is not a run-config key: flwr run --run-config would refuse it"
     return {**config, **overrides}
+
+
+def test_run_config_report_to_reaches_the_server_as_a_list():
+    pytest.importorskip("flwr")
+    _recipe()
+    from fedsvd_app import args_from_run_config
+
+    assert args_from_run_config(_app_run_config()).report_to == ["none"]
+    assert args_from_run_config(_app_run_config(**{"report-to": "tensorboard"})).report_to == ["tensorboard"]
+    with pytest.raises(ValueError, match="invalid Flower run config: --report-to="):
+        args_from_run_config(_app_run_config(**{"report-to": "tensorboard,nosuch"}))
 
 
 def test_run_config_dp_keys():

@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None, *, parser_class: type = argparse.A
     p.add_argument("--threads", type=int, default=1, help="torch threads per client / server process")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/flower_fedsvd")
+    p.add_argument("--report-to", default="none",
+                   help="the server's per-round metrics (step = round) to these integrations, as the Trainer's "
+                        "report_to: 'tensorboard' writes OUT/runs/server-run<run id>; comma-separated for several")
     args = p.parse_args(argv)
 
     for name in ("rounds", "clients", "local_steps", "batch_size", "rank", "max_length", "num_cpus", "threads"):
@@ -112,6 +115,13 @@ def parse_args(argv: list[str] | None = None, *, parser_class: type = argparse.A
         p.error(f"--max-epsilon must be > 0, got {args.max_epsilon}")
     if not args.max_grad_norm > 0:
         p.error(f"--max-grad-norm must be > 0 (the DP clipping bound), got {args.max_grad_norm}")
+    from hf_svd_plugins.fedsvd.reporting import check_report_to
+
+    args.report_to = [name.strip() for name in args.report_to.split(",")]
+    try:
+        check_report_to(args.report_to, "--report-to")
+    except (TypeError, ValueError) as exc:
+        p.error(str(exc))
     return args
 
 
@@ -190,6 +200,7 @@ def build_apps(args: argparse.Namespace):
     server = make_server_app(
         model_fn, method=args.method, num_rounds=args.rounds, fraction_train=args.fraction,
         min_available_nodes=args.clients, evaluate_fn=evaluate_fn, output_dir=args.out,
+        report_to=args.report_to,
     )
     client = make_client_app(
         model_fn, dataset_fn, local_steps=args.local_steps, seed=args.seed, training_args=training_args,
