@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 
 import numpy as np
@@ -359,9 +360,22 @@ def _resume_begin(callback, args, step, model):
     callback.on_train_begin(args, TrainerState(global_step=step), TrainerControl(), model=model)
 
 
+def _as_deepspeed_resumes(checkpoint) -> torch.nn.Module:
+    """A fresh model with the checkpoint's weights but the *initial* frozen A: what transformers' DeepSpeed resume
+    (``exclude_frozen_parameters=True`` at save, ``load_module_strict=False`` at load) leaves."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    model = tiny_lora_model("llama", r=4)
+    freeze_lora_A(model)
+    saved = load_file(os.path.join(checkpoint, "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, {k: v for k, v in saved.items() if "lora_A" not in k})
+    return model
+
+
 def test_on_save_writes_a_and_resume_writes_it_back(tmp_path):
-    """The checkpoint's A file holds the refactorized A of that step; a fresh model (initial A, what a DeepSpeed
-    resume leaves) gets it back in on_train_begin; the checkpoint's own adapter file agrees with it."""
+    """The checkpoint's A file holds the refactorized A of that step (equal to the A in PEFT's own adapter file);
+    a model with the initial A and the checkpoint's B gets it back in on_train_begin, B untouched."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -380,25 +394,25 @@ def test_on_save_writes_a_and_resume_writes_it_back(tmp_path):
             a = saved[f"{name}.lora_A.weight"]
             assert torch.equal(a, adapter[f"base_model.model.{name}.lora_A.weight"])
             torch.testing.assert_close(a.double() @ a.double().T, torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
-    fresh = tiny_lora_model("llama", r=4)
-    freeze_lora_A(fresh)
-    initial = read_lora_weights(find_lora_pairs(fresh))
-    _resume_begin(FedSVDCallback(every_n_steps=2), trainer.args, 4, fresh)
-    restored = read_lora_weights(find_lora_pairs(fresh))
-    for name, (a, _) in final.items():
-        assert not torch.equal(initial[name][0], a)
+    model = _as_deepspeed_resumes(tmp_path / "checkpoint-4")
+    before = read_lora_weights(find_lora_pairs(model))
+    _resume_begin(FedSVDCallback(every_n_steps=2), trainer.args, 4, model)
+    restored = read_lora_weights(find_lora_pairs(model))
+    for name, (a, b) in final.items():
+        assert not torch.equal(before[name][0], a)  # the initial A
         assert torch.equal(restored[name][0], a)
-        assert torch.equal(restored[name][1], initial[name][1])  # B is the checkpoint loader's business
+        assert torch.equal(restored[name][1], b) and torch.equal(before[name][1], b)
 
 
-def test_resume_without_a_file_warns_under_deepspeed_only(tmp_path, monkeypatch):
+def test_resume_without_a_usable_file_warns_under_deepspeed_only(tmp_path, monkeypatch):
+    """No file (a checkpoint from before the fix), a file from another step, or one from another run (same step,
+    other B: a stale checkpoint folder): A is left alone, and under DeepSpeed a warning says what that means."""
     import hf_svd_plugins.fedsvd.callback as callback_module
 
     trainer = _train_with_checkpoints(tmp_path)
-    (tmp_path / "checkpoint-2" / "fedsvd_lora_A.safetensors").unlink()  # a checkpoint from before the fix
-    model = tiny_lora_model("llama", r=4)
-    freeze_lora_A(model)
+    model = _as_deepspeed_resumes(tmp_path / "checkpoint-2")
     initial = read_lora_weights(find_lora_pairs(model))
+    (tmp_path / "checkpoint-2" / "fedsvd_lora_A.safetensors").unlink()
     with warnings_as_list() as caught:
         _resume_begin(FedSVDCallback(every_n_steps=2), trainer.args, 2, model)
     assert not caught  # one process: the Trainer's adapter checkpoint restored A itself
@@ -406,13 +420,18 @@ def test_resume_without_a_file_warns_under_deepspeed_only(tmp_path, monkeypatch)
     with pytest.warns(UserWarning, match=r"step 2 under DeepSpeed.*checkpoint-2/fedsvd_lora_A.safetensors does not "
                                          r"exist.*the one the model was created with"):
         _resume_begin(FedSVDCallback(every_n_steps=2), trainer.args, 2, model)
-    # a file from another step (a stale folder) is not used either
-    stale = tmp_path / "checkpoint-4" / "fedsvd_lora_A.safetensors"
-    stale.rename(tmp_path / "checkpoint-2" / "fedsvd_lora_A.safetensors")
+    (tmp_path / "checkpoint-4" / "fedsvd_lora_A.safetensors").rename(tmp_path / "checkpoint-2" / "fedsvd_lora_A.safetensors")
     with pytest.warns(UserWarning, match="was written at step 4, not at the resumed step 2"):
+        _resume_begin(FedSVDCallback(every_n_steps=2), trainer.args, 2, model)
+    other_run = _train_with_checkpoints(tmp_path / "other", learning_rate=1e-2)
+    import shutil
+
+    shutil.copy(tmp_path / "other" / "checkpoint-2" / "fedsvd_lora_A.safetensors", tmp_path / "checkpoint-2")
+    with pytest.warns(UserWarning, match="written by another run"):
         _resume_begin(FedSVDCallback(every_n_steps=2), trainer.args, 2, model)
     after = read_lora_weights(find_lora_pairs(model))
     assert all(torch.equal(after[n][0], initial[n][0]) for n in initial)
+    assert other_run.state.global_step == 4
 
 
 def test_resume_reads_training_arguments_resume_from_checkpoint_first(tmp_path):
@@ -420,21 +439,20 @@ def test_resume_reads_training_arguments_resume_from_checkpoint_first(tmp_path):
     the path given to ``train()`` does not reach callbacks); a file that does not fit the model is an error."""
     import shutil
 
-    trainer = _train_with_checkpoints(tmp_path / "run")
+    from safetensors.torch import load_file, save_file
+
+    _train_with_checkpoints(tmp_path / "run")
     moved = tmp_path / "moved"
     shutil.copytree(tmp_path / "run" / "checkpoint-2", moved)
     args = _args(tmp_path / "elsewhere", resume_from_checkpoint=str(moved))
-    model = tiny_lora_model("llama", r=4)
-    freeze_lora_A(model)
+    model = _as_deepspeed_resumes(moved)
     _resume_begin(FedSVDCallback(every_n_steps=2), args, 2, model)
-    from safetensors.torch import load_file
-
     saved = load_file(moved / "fedsvd_lora_A.safetensors")
     for pair in find_lora_pairs(model):
         assert torch.equal(pair.A.detach(), saved[f"{pair.name}.lora_A.weight"])
-    with pytest.raises(ValueError, match="does not fit the model's LoRA pairs.*same LoraConfig"):
-        _resume_begin(FedSVDCallback(every_n_steps=2, freeze_a=False), args, 2, tiny_lora_model("llama", r=2))
-    assert trainer.state.global_step == 4
+    save_file({k: v[:2] for k, v in saved.items()}, moved / "fedsvd_lora_A.safetensors", metadata={"global_step": "2"})
+    with pytest.raises(ValueError, match="does not fit the model's LoRA pairs.*wrong shape.*same LoraConfig"):
+        _resume_begin(FedSVDCallback(every_n_steps=2), args, 2, model)
 
 
 def test_save_full_adapter_equals_peft_save_pretrained(tmp_path):

@@ -172,8 +172,10 @@ def write_lora_A_file(  # noqa: N802 - the paper's name
     """
     write = process_rank() == 0 if write is None else write
     values: dict[str, torch.Tensor] = {}
+    b_sum_of_squares = 0.0
     for chunk in _chunks(pairs):
         weights = read_lora_weights(chunk, optimizer)
+        b_sum_of_squares += sum(float(weights[p.name][1].double().square().sum()) for p in chunk)
         if write:
             values.update({_lora_a_key(p): weights[p.name][0].detach().to("cpu").contiguous() for p in chunk})
     if not write:
@@ -181,15 +183,23 @@ def write_lora_A_file(  # noqa: N802 - the paper's name
     from safetensors.torch import save_file
 
     path = os.path.join(folder, LORA_A_FILE)
-    metadata = {"format": "pt", "global_step": str(step), "adapter_name": pairs[0].adapter if pairs else ""}
+    metadata = {"format": "pt", "global_step": str(step), "adapter_name": pairs[0].adapter if pairs else "",
+                "lora_B_sum_of_squares": repr(b_sum_of_squares)}
     save_file(values, path + ".tmp", metadata=metadata)
     os.replace(path + ".tmp", path)  # a run killed while writing leaves no half-written file under the real name
     return path
 
 
-def read_lora_A_file(folder: str, step: int) -> tuple[dict[str, torch.Tensor] | None, str]:  # noqa: N802
+def read_lora_A_file(  # noqa: N802
+    folder: str, step: int, b_sum_of_squares: float | None = None
+) -> tuple[dict[str, torch.Tensor] | None, str]:
     """``({key: A}, "")`` from ``folder/`` :data:`LORA_A_FILE` if it exists and was written at ``step``, else
-    ``(None, why not)``."""
+    ``(None, why not)``.
+
+    With ``b_sum_of_squares`` (``sum ||B||_F^2`` over the pairs of the model after the checkpoint was loaded), a file
+    whose B had another sum (relative difference above 1e-2; 16-bit rounding stays far below) is refused as written
+    by another run: a stale ``checkpoint-N`` folder with the same step.
+    """
     path = os.path.join(folder, LORA_A_FILE)
     if not os.path.isfile(path):
         return None, f"{path} does not exist"
@@ -197,10 +207,25 @@ def read_lora_A_file(folder: str, step: int) -> tuple[dict[str, torch.Tensor] | 
     from safetensors.torch import load_file
 
     with safe_open(path, framework="pt") as f:
-        saved_step = (f.metadata() or {}).get("global_step")
+        metadata = f.metadata() or {}
+    saved_step, saved_b = metadata.get("global_step"), metadata.get("lora_B_sum_of_squares")
     if saved_step != str(step):
         return None, f"{path} was written at step {saved_step}, not at the resumed step {step}"
+    if b_sum_of_squares is not None and saved_b is not None:
+        saved = float(saved_b)
+        if abs(saved - b_sum_of_squares) > 1e-2 * max(abs(saved), abs(b_sum_of_squares), 1e-30):
+            return None, (f"{path} was written by another run (sum of B^2 {saved:.6g} there, {b_sum_of_squares:.6g} "
+                          "in the loaded checkpoint)")
     return load_file(path), ""
+
+
+def _b_sum_of_squares(pairs: Sequence[LoraPair], optimizer: object | None) -> float:
+    """``sum ||B||_F^2`` over ``pairs`` (read like :func:`write_lora_A_file` does; every rank must call)."""
+    total = 0.0
+    for chunk in _chunks(pairs):
+        weights = read_lora_weights(chunk, optimizer)
+        total += sum(float(weights[p.name][1].double().square().sum()) for p in chunk)
+    return total
 
 
 def _resume_folders(args, state) -> list[str]:
@@ -368,9 +393,10 @@ class FedSVDCallback(TrainerCallback, ExportableState):
     def _restore_lora_a(self, args, state, model, optimizer, pairs: Sequence[LoraPair]) -> None:
         """Write the A saved with the resumed checkpoint back into the model (rank 0 reads; every rank calls)."""
         values, reasons, problem = None, [], ""
+        b_sum_of_squares = _b_sum_of_squares(pairs, optimizer)  # B as the checkpoint loader left it
         if process_rank() == 0:
             for folder in _resume_folders(args, state):
-                values, why = read_lora_A_file(folder, state.global_step)
+                values, why = read_lora_A_file(folder, state.global_step, b_sum_of_squares)
                 if values is not None:
                     break
                 reasons.append(why)
