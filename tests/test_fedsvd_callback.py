@@ -13,7 +13,7 @@ from tiny import TinyTokenDataset, pad_collate, tiny_batches, tiny_lora_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_svd_plugins.fedsvd import FedSVDCallback, freeze_lora_A, refactorize_lora_model
-from hf_svd_plugins.lora import find_lora_pairs, read_lora_weights
+from hf_svd_plugins.lora import assign_lora_weights, find_lora_pairs, read_lora_weights
 
 
 @pytest.fixture(autouse=True)
@@ -453,6 +453,26 @@ def test_resume_reads_training_arguments_resume_from_checkpoint_first(tmp_path):
     save_file({k: v[:2] for k, v in saved.items()}, moved / "fedsvd_lora_A.safetensors", metadata={"global_step": "2"})
     with pytest.raises(ValueError, match="does not fit the model's LoRA pairs.*wrong shape.*same LoraConfig"):
         _resume_begin(FedSVDCallback(every_n_steps=2), args, 2, model)
+
+
+def test_load_best_model_at_end_gets_the_best_checkpoints_a(tmp_path):
+    """``load_best_model_at_end`` under DeepSpeed loads the best checkpoint's B but keeps the last A (frozen parameters
+    are not in the checkpoint); on_train_end, which runs after that load, writes the best checkpoint's A back."""
+    from safetensors.torch import load_file
+    from transformers import TrainerControl, TrainerState
+
+    trainer = _train_with_checkpoints(tmp_path)
+    last = read_lora_weights(find_lora_pairs(trainer.model))
+    model = _as_deepspeed_resumes(tmp_path / "checkpoint-2")
+    assign_lora_weights(find_lora_pairs(model), {n: (a, None) for n, (a, _) in last.items()})  # the last A
+    args = _args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
+                 load_best_model_at_end=True)
+    state = TrainerState(global_step=4, best_model_checkpoint=str(tmp_path / "checkpoint-2"), best_global_step=2)
+    FedSVDCallback(every_n_steps=2).on_train_end(args, state, TrainerControl(), model=model)
+    best = load_file(tmp_path / "checkpoint-2" / "fedsvd_lora_A.safetensors")
+    for pair in find_lora_pairs(model):
+        assert not torch.equal(best[f"{pair.name}.lora_A.weight"], last[pair.name][0])
+        assert torch.equal(pair.A.detach(), best[f"{pair.name}.lora_A.weight"])
 
 
 def test_save_full_adapter_equals_peft_save_pretrained(tmp_path):

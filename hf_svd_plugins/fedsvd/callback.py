@@ -278,7 +278,8 @@ class FedSVDCallback(TrainerCallback, ExportableState):
     Checkpoints: ``on_save`` writes every A into the checkpoint folder (:data:`LORA_A_FILE`) and, under ZeRO-3 with a
     frozen A, rewrites the folder's adapter with the whole adapter (transformers leaves frozen weights out of both its
     DeepSpeed checkpoint and its ZeRO-3 adapter). On resume, ``on_train_begin`` writes the saved A back (the DeepSpeed
-    checkpoint brought back the initial one), or warns under DeepSpeed if it finds no file for the resumed step. For
+    checkpoint brought back the initial one), or warns under DeepSpeed if it finds no file for the resumed step;
+    ``on_train_end`` does the same for ``load_best_model_at_end`` (the best checkpoint's B next to the last A). For
     the final adapter under ZeRO-3 use :func:`~hf_svd_plugins.lora.save_full_adapter` instead of
     ``trainer.save_model``.
     """
@@ -372,7 +373,8 @@ class FedSVDCallback(TrainerCallback, ExportableState):
             self.n_refactorizations = state.global_step // k
             self.last_step = (state.global_step // k) * k if state.global_step >= k else -1
         if state.global_step > 0:  # resumed: transformers has loaded the checkpoint before on_train_begin
-            self._restore_lora_a(args, state, model, kwargs.get("optimizer"), pairs)
+            self._restore_lora_a(args, _resume_folders(args, state), state.global_step, model, kwargs.get("optimizer"),
+                                 pairs, "resuming")
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
@@ -390,13 +392,27 @@ class FedSVDCallback(TrainerCallback, ExportableState):
             # transformers wrote the checkpoint's adapter from a ZeRO-3 consolidation without frozen weights
             save_full_adapter(model, folder)
 
-    def _restore_lora_a(self, args, state, model, optimizer, pairs: Sequence[LoraPair]) -> None:
-        """Write the A saved with the resumed checkpoint back into the model (rank 0 reads; every rank calls)."""
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        # load_best_model_at_end under DeepSpeed loads the best checkpoint without frozen parameters, before this event:
+        # its B now sits next to the last A
+        if model is not None and args.load_best_model_at_end and state.best_model_checkpoint is not None:
+            step = state.best_global_step
+            if step is None:  # states saved before transformers recorded it: the folder name has it
+                step = int(os.path.basename(os.path.normpath(state.best_model_checkpoint)).rsplit("-", 1)[-1])
+            pairs = find_lora_pairs(model, self.adapter_name)
+            self._restore_lora_a(args, [state.best_model_checkpoint], step, model, kwargs.get("optimizer"), pairs,
+                                 "loading the best checkpoint")
+
+    def _restore_lora_a(
+        self, args, folders: Sequence[str], step: int, model, optimizer, pairs: Sequence[LoraPair], event: str
+    ) -> None:
+        """Write the A saved with the checkpoint of ``step`` (the first of ``folders`` that has it) back into the
+        model (rank 0 reads; every rank calls), or warn under DeepSpeed."""
         values, reasons, problem = None, [], ""
         b_sum_of_squares = _b_sum_of_squares(pairs, optimizer)  # B as the checkpoint loader left it
         if process_rank() == 0:
-            for folder in _resume_folders(args, state):
-                values, why = read_lora_A_file(folder, state.global_step, b_sum_of_squares)
+            for folder in folders:
+                values, why = read_lora_A_file(folder, step, b_sum_of_squares)
                 if values is not None:
                     break
                 reasons.append(why)
@@ -409,8 +425,8 @@ class FedSVDCallback(TrainerCallback, ExportableState):
         if broadcast_flag(values is not None):
             if broadcast_flag(bool(problem)):
                 raise ValueError(
-                    f"{LORA_A_FILE} of the resumed checkpoint does not fit the model's LoRA pairs ({problem or 'see rank 0'}): "
-                    "resume with the same LoraConfig (r, target_modules) and adapter_name"
+                    f"{LORA_A_FILE} of the checkpoint of step {step} does not fit the model's LoRA pairs "
+                    f"({problem or 'see rank 0'}): resume with the same LoraConfig (r, target_modules) and adapter_name"
                 )
             assign_lora_weights(
                 pairs, {p.name: (values[_lora_a_key(p)] if values is not None else p.A.new_zeros(full_shape(p.A)), None)
@@ -419,13 +435,12 @@ class FedSVDCallback(TrainerCallback, ExportableState):
             return
         if process_rank() == 0 and _under_deepspeed(args) and any(not p.A.requires_grad for p in pairs):
             warnings.warn(
-                f"FedSVDCallback: resuming at step {state.global_step} under DeepSpeed, but no {LORA_A_FILE} for that "
-                f"step was found ({'; '.join(reasons)}). transformers' DeepSpeed checkpoint leaves "
-                "frozen parameters out, so LoRA's A is the one the model was created with, not the refactorized A "
-                "that the checkpoint's B was trained with: the adapter's function B @ A is not the checkpoint's. "
-                "Resume from a checkpoint written by this version of FedSVDCallback, from "
-                f"`{args.output_dir}/checkpoint-<step>`, or set `TrainingArguments.resume_from_checkpoint` to the "
-                "folder you pass to `train()`.",
+                f"FedSVDCallback: {event} at step {step} under DeepSpeed, but no {LORA_A_FILE} for that step was "
+                f"found ({'; '.join(reasons)}). transformers' DeepSpeed checkpoint leaves frozen parameters out, so "
+                "LoRA's A is not the refactorized A that the checkpoint's B was trained with (on resume it is the one "
+                "the model was created with): the adapter's function B @ A is not the checkpoint's. Use a checkpoint "
+                f"written by this version of FedSVDCallback, in `{args.output_dir}/checkpoint-<step>`, or set "
+                "`TrainingArguments.resume_from_checkpoint` to the folder you pass to `train()`.",
                 stacklevel=2,
             )
 
