@@ -253,6 +253,14 @@ def test_deepspeed_resume_brings_back_the_refactorized_a(tmp_path, mode):
     saved_a = load_file(tmp_path / "checkpoint-2" / "fedsvd_lora_A.safetensors")
     assert set(saved_a) == {f"{name}.lora_A.weight" for name in step2}
     assert all(torch.equal(saved_a[f"{name}.lora_A.weight"], a2) for name, (a2, _) in step2.items())
+    if mode == "zero3":  # load_best_model_at_end: the best checkpoint's B used to sit next to the last A
+        accelerate_launch(LAUNCH[mode], RESUME_SCRIPT, tmp_path, "best")
+        best = torch.load(tmp_path / "best" / "best_rank0.pt", weights_only=False)
+        assert best["best_model_checkpoint"].endswith("checkpoint-2")
+        assert not best["fedsvd_warnings"], best["fedsvd_warnings"]
+        for name, (a2, b2) in step2.items():
+            torch.testing.assert_close(best["final"][name][0], a2, atol=1e-6, rtol=0)
+            torch.testing.assert_close(best["final"][name][1], b2, atol=1e-6, rtol=0)
     # the final adapters (and under ZeRO-3 the checkpoint's own) reload with PEFT and hold the refactorized A
     for folder in ("final_full", "final_resume", "checkpoint-4"):
         reloaded = PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / folder))

@@ -3,8 +3,9 @@
 ``python fedsvd_resume.py OUT full``: 4 steps, FedSVDCallback(every_n_steps=2) with A frozen (the default), a checkpoint
 every 2 steps; OUT/full_rank{r}.pt holds the LoRA weights after step 2 (after its refactorization) and at the end.
 ``python fedsvd_resume.py OUT resume``: the same Trainer resumed from OUT/checkpoint-2 to step 4; OUT/resume_rank{r}.pt
-holds the LoRA weights at ``on_train_begin`` (after FedSVDCallback's) and at the end. Both save the final adapter with
-``save_full_adapter(trainer, OUT/final_<mode>)``.
+holds the LoRA weights at ``on_train_begin`` (after FedSVDCallback's) and at the end. ``best``: like ``full`` in OUT/best,
+with an evaluation at every checkpoint and ``load_best_model_at_end`` (the highest eval loss wins: step 2's).
+All save the final adapter with ``save_full_adapter(trainer, <output_dir>/final_<mode>)``.
 """
 
 import os
@@ -39,13 +40,18 @@ class Record(TrainerCallback):
 def main(out: str, mode: str) -> None:
     model = tiny_lora_model("llama", r=4)
     record = Record()
+    best = {}
+    if mode == "best":  # evaluate at every checkpoint; the *highest* eval loss is "best", i.e. step 2's
+        out = os.path.join(out, "best")
+        best = dict(eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
+                    greater_is_better=True, per_device_eval_batch_size=4)
     args = TrainingArguments(
         output_dir=out, per_device_train_batch_size=4, max_steps=4, learning_rate=2e-2, use_cpu=True, report_to=[],
-        save_strategy="steps", save_steps=2, logging_steps=2, disable_tqdm=True, seed=0,
+        save_strategy="steps", save_steps=2, logging_steps=2, disable_tqdm=True, seed=0, **best,
     )
     trainer = Trainer(
         model=model, args=args, train_dataset=TinyTokenDataset(n=32), data_collator=pad_collate,
-        callbacks=[FedSVDCallback(every_n_steps=2), record],
+        eval_dataset=TinyTokenDataset(n=8, seed=1) if best else None, callbacks=[FedSVDCallback(every_n_steps=2), record],
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -56,6 +62,7 @@ def main(out: str, mode: str) -> None:
             "weights": record.weights,
             "final": read_lora_weights(find_lora_pairs(model)),
             "fedsvd_warnings": [str(w.message) for w in caught if "FedSVDCallback" in str(w.message)],
+            "best_model_checkpoint": trainer.state.best_model_checkpoint,
         },
         os.path.join(out, f"{mode}_rank{trainer.args.process_index}.pt"),
     )
