@@ -381,10 +381,11 @@ class FedSVDCallback(TrainerCallback, ExportableState):
             return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if not broadcast_flag(os.path.isdir(folder) if process_rank() == 0 else False):
-            logger.warning(
-                "FedSVDCallback: checkpoint folder %s not found (hyperparameter search run directory?); LoRA A not "
-                "saved with it, a DeepSpeed resume from it would bring back the initial A", folder,
-            )
+            if process_rank() == 0:
+                logger.warning(
+                    "FedSVDCallback: checkpoint folder %s not found (hyperparameter search run directory?); LoRA A not "
+                    "saved with it, a DeepSpeed resume from it would bring back the initial A", folder,
+                )
             return
         pairs = find_lora_pairs(model, self.adapter_name)
         write_lora_A_file(pairs, folder, state.global_step, optimizer, write=bool(args.should_save))
