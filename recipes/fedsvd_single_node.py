@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from hf_svd_plugins import FedSVDCallback
     from hf_svd_plugins.examples import TokenizedClassification
-    from hf_svd_plugins.fedsvd import accuracy_metrics, freeze_lora_A
-    from hf_svd_plugins.lora import gathered_parameters
+    from hf_svd_plugins.fedsvd import accuracy_metrics, freeze_lora_A, save_full_adapter
 
     train, test = common.load_labelled(args.dataset, args.text_column, args.label_column, args.seed, args.limit)
     model, tokenizer = common.lora_classifier(args.model, max(train.label) + 1, args.rank, args.seed)
@@ -67,12 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"eval_accuracy": trainer.evaluate()["eval_accuracy"],
               "refactorizations": callbacks[0].n_refactorizations if callbacks else 0}
     final = os.path.join(args.output_dir, "final")
-    trainer.save_model(final)  # tokenizer and arguments; under ZeRO-3 only the *trainable* adapter weights
-    # A is frozen but refactorized: transformers' ZeRO-3 save drops frozen parameters, so write the whole adapter
-    adapter = [p for name, p in model.named_parameters() if "lora_" in name or p.requires_grad]
-    with gathered_parameters(adapter):
-        if trainer.is_world_process_zero():
-            model.save_pretrained(final)
+    # trainer.save_model, but with the whole adapter: A is frozen yet refactorized, and transformers' ZeRO-3 save
+    # drops frozen parameters
+    save_full_adapter(trainer, final)
     optimizer = trainer.optimizer
     while hasattr(optimizer, "optimizer"):  # accelerate's wrapper, DeepSpeed's ZeRO wrapper, ...
         optimizer = optimizer.optimizer

@@ -16,6 +16,8 @@ import pytest
 import torch
 from launch import DDP_FLAGS, REPO, accelerate_launch, config_flags
 
+from hf_svd_plugins.lora import find_lora_pairs
+
 TESTS = os.path.join(REPO, "tests")
 
 SCRIPT = textwrap.dedent(
@@ -213,3 +215,59 @@ def test_deepspeed_bf16_masters_of_only_the_refactorized_weights_are_written(tmp
         other = r1["after"][step]
         assert torch.equal(ra["norm_master"], other["norm_master"])
         assert all(torch.equal(x, y) for x, y in zip(ra["b_master"], other["b_master"], strict=True))
+
+
+RESUME_SCRIPT = os.path.join(TESTS, "distributed", "fedsvd_resume.py")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["zero2", "zero3"])
+def test_deepspeed_resume_brings_back_the_refactorized_a(tmp_path, mode):
+    """transformers' DeepSpeed checkpoint of a PEFT model leaves frozen parameters out, and under ZeRO-3 so does its
+    adapter save: FedSVD's frozen but refactorized A used to come back as the *initial* A on resume (B then pairs with
+    the wrong A) and to be missing from the ZeRO-3 adapter. Reference: the uninterrupted run (launch 1: 4 steps,
+    refactorize every 2, checkpoint every 2); launch 2 resumes from its checkpoint-2 to step 4. On the code before the
+    fix: A after resume was the initial A (B @ A jumped by 0.02, final A off by 0.69) and the ZeRO-3 adapter files
+    held only lora_B."""
+    pytest.importorskip("deepspeed")
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from tiny import tiny_model
+
+    accelerate_launch(LAUNCH[mode], RESUME_SCRIPT, tmp_path, "full")
+    accelerate_launch(LAUNCH[mode], RESUME_SCRIPT, tmp_path, "resume")
+    full = torch.load(tmp_path / "full_rank0.pt", weights_only=False)
+    resumed = [torch.load(tmp_path / f"resume_rank{r}.pt", weights_only=False) for r in (0, 1)]
+    step2 = full["weights"][2]
+    for name, (a2, b2) in step2.items():
+        gram = a2.double() @ a2.double().T  # step 2 refactorized A: orthonormal rows, so not the initial A
+        torch.testing.assert_close(gram, torch.eye(a2.shape[0], dtype=torch.float64), atol=1e-5, rtol=0)
+        for r in resumed:
+            a_begin, b_begin = r["weights"]["begin"][name]
+            assert torch.equal(a_begin, a2), f"{name}: A after resume is not the A saved at checkpoint-2"
+            torch.testing.assert_close((b_begin @ a_begin).double(), (b2 @ a2).double(), atol=1e-6, rtol=0)
+            for got, want in zip(r["final"][name], full["final"][name], strict=True):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not resumed[0]["fedsvd_warnings"], resumed[0]["fedsvd_warnings"]
+    saved_a = load_file(tmp_path / "checkpoint-2" / "fedsvd_lora_A.safetensors")
+    assert set(saved_a) == {f"{name}.lora_A.weight" for name in step2}
+    assert all(torch.equal(saved_a[f"{name}.lora_A.weight"], a2) for name, (a2, _) in step2.items())
+    if mode == "zero3":  # load_best_model_at_end: the best checkpoint's B used to sit next to the last A
+        accelerate_launch(LAUNCH[mode], RESUME_SCRIPT, tmp_path, "best")
+        best = torch.load(tmp_path / "best" / "best_rank0.pt", weights_only=False)
+        assert best["best_model_checkpoint"].endswith("checkpoint-2")
+        assert not best["fedsvd_warnings"], best["fedsvd_warnings"]
+        for name, (a2, b2) in step2.items():
+            torch.testing.assert_close(best["final"][name][0], a2, atol=1e-6, rtol=0)
+            torch.testing.assert_close(best["final"][name][1], b2, atol=1e-6, rtol=0)
+    # the final adapters (and under ZeRO-3 the checkpoint's own) reload with PEFT and hold the refactorized A
+    for folder in ("final_full", "final_resume", "checkpoint-4"):
+        reloaded = PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / folder))
+        pairs = {p.name: p for p in find_lora_pairs(reloaded)}
+        assert set(pairs) == set(full["final"]), folder
+        for name, (a, b) in full["final"].items():
+            torch.testing.assert_close(pairs[name].A.detach(), a, atol=1e-6, rtol=0, msg=f"{folder} {name} A")
+            torch.testing.assert_close(pairs[name].B.detach(), b, atol=1e-5, rtol=1e-5, msg=f"{folder} {name} B")
+            gram = pairs[name].A.detach().double() @ pairs[name].A.detach().double().T
+            torch.testing.assert_close(gram, torch.eye(a.shape[0], dtype=torch.float64), atol=1e-5, rtol=0)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from hf_svd_plugins.fedsvd.callback import (
+    LORA_A_FILE,
     OPTIMIZER_STATE_POLICIES,
     FedSVDCallback,
     freeze_lora_A,
@@ -21,8 +22,10 @@ from hf_svd_plugins.fedsvd.core import (
 )
 from hf_svd_plugins.fedsvd.federation import Federation, accuracy_metrics
 from hf_svd_plugins.fedsvd.partition import partition_dirichlet, partition_iid
+from hf_svd_plugins.lora.saving import save_full_adapter  # the final save under ZeRO-3 (see FedSVDCallback)
 
 __all__ = [
+    "LORA_A_FILE",
     "METHODS",
     "OPTIMIZER_STATE_POLICIES",
     "FedSVDCallback",
@@ -36,4 +39,5 @@ __all__ = [
     "refactorize",
     "refactorize_lora_model",
     "reset_optimizer_state",
+    "save_full_adapter",
 ]

@@ -10,6 +10,8 @@ through :func:`assign_lora_weights`, so sharding and replication are handled onc
 * DeepSpeed keeps fp32 master weights and optimizer state in flat partitions: writes set the masters of exactly the
   written parameters (``deepspeed.utils.safe_set_full_fp32_param``) from the full-precision values, and
   :func:`read_optimizer_state` / :func:`write_optimizer_state` reach per-parameter optimizer state under every layout.
+* Saving: :func:`save_full_adapter` writes the whole adapter (frozen adapter weights included) from gathered values;
+  transformers' ZeRO-3 save drops frozen weights.
 
 Shapes follow PyTorch: LoRA adds ``scaling * B @ A`` with ``A (r, d_in)`` and ``B (d_out, r)``.
 """
@@ -39,6 +41,12 @@ from hf_svd_plugins.lora.pairs import (
     unwrap_model,
     unwrap_peft_model,
 )
+from hf_svd_plugins.lora.saving import (
+    adapter_tensors,
+    gathered_adapter_state_dict,
+    gathered_cpu_state,
+    save_full_adapter,
+)
 from hf_svd_plugins.lora.sharding import (
     full_shape,
     full_value,
@@ -53,13 +61,16 @@ from hf_svd_plugins.lora.sharding import (
 
 __all__ = [
     "LoraPair",
+    "adapter_tensors",
     "assign_lora_weights",
     "base_module_name",
     "base_optimizer",
     "find_lora_pairs",
     "full_shape",
     "full_value",
+    "gathered_adapter_state_dict",
     "gathered_cpu_copy",
+    "gathered_cpu_state",
     "gathered_parameters",
     "has_fp32_fragment",
     "is_dtensor",
@@ -74,6 +85,7 @@ __all__ = [
     "read_lora_weights",
     "read_optimizer_state",
     "reset_optimizer_state",
+    "save_full_adapter",
     "unwrap_model",
     "unwrap_peft_model",
     "wide_dtype",

@@ -6,12 +6,8 @@ import torch
 from torch import nn
 
 from hf_svd_plugins.lora.pairs import base_module_name, unwrap_model
-from hf_svd_plugins.lora.sharding import (
-    full_value,
-    gathered_parameters,
-    is_dtensor,
-    is_zero3_param,
-)
+from hf_svd_plugins.lora.saving import gathered_cpu_state
+from hf_svd_plugins.lora.sharding import is_zero3_param
 
 
 def named_base_layers(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
@@ -69,19 +65,12 @@ def gathered_cpu_copy(model: nn.Module) -> nn.Module | None:
     whose active adapter is re-attached with the same ``LoraConfig``), in the parameters' dtype, and loaded with the
     gathered values; buffers are not sharded by ZeRO-3 and are copied as they are.
     """
-    from hf_svd_plugins.distributed import process_rank
-
     inner = unwrap_model(model)
     base = inner.get_base_model() if hasattr(inner, "peft_config") else inner
     if not hasattr(base, "config"):
         raise ValueError(f"a gathered copy needs a transformers model with a config, got {type(base).__name__}")
-    state = {}
-    for name, param in inner.named_parameters():
-        with gathered_parameters([param]):
-            value = full_value(param) if is_dtensor(param) else param  # full_tensor(): every rank takes part
-            if process_rank() == 0:
-                state[name] = value.detach().to("cpu", copy=True)
-    if process_rank() != 0:
+    state = gathered_cpu_state(inner.named_parameters())
+    if state is None:
         return None
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     copy = type(base)(base.config).to(dtype)
