@@ -375,13 +375,13 @@ def tables(records: list[dict]) -> str:
     finals: dict[tuple, list[dict]] = {}
     for r in records:
         if r["run"]["split"] == "test":
-            finals.setdefault((r["run"]["epsilon"], r["run"]["method"]), []).append(r)
+            finals.setdefault((r["run"]["epsilon"], r["run"]["method"], r["run"]["lr"]), []).append(r)
     out += ["", "Final runs (test accuracy after the last round; mean ± std when more than one seed):", "",
             "| epsilon | method | lr | seeds | test accuracy | per seed | wall time per run (s) | max client epsilon | "
             "B per-example grad norm (median) | fraction clipped | B noise/signal |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (epsilon, method), rs in sorted(finals.items(), key=lambda kv: (kv[0][0] is None, -(kv[0][0] or 0),
-                                                                         METHODS.index(kv[0][1]))):
+    for (epsilon, method, _), rs in sorted(finals.items(), key=lambda kv: (kv[0][0] is None, -(kv[0][0] or 0),
+                                                                            METHODS.index(kv[0][1]), kv[0][2])):
         rs = sorted(rs, key=lambda r: r["run"]["seed"])
         accs = [r["accuracy"] for r in rs]
         mech = [r["mechanism"] for r in rs]
@@ -397,9 +397,9 @@ def tables(records: list[dict]) -> str:
                  col("b_noise_to_signal", ".1f")]
         out.append("| " + " | ".join(cells) + " |")
     curves = ["", "Test accuracy per round (final runs):", ""]
-    for (epsilon, method), rs in finals.items():
+    for (epsilon, method, lr), rs in finals.items():
         for r in sorted(rs, key=lambda r: r["run"]["seed"]):
-            curves.append(f"- {_eps(epsilon)} {method} seed {r['run']['seed']}: "
+            curves.append(f"- {_eps(epsilon)} {method} lr {lr:g} seed {r['run']['seed']}: "
                           + " ".join(f"{a:.3f}" for a in r["curve"]))
     return "\n".join(out + curves) + "\n"
 
@@ -447,10 +447,11 @@ def write_tables(results: str, path: str, work: str | None = None) -> None:
         f.write(text)
     os.replace(tmp, path)
     curves = {}
-    for r in records:
-        if r["run"]["split"] == "test":
-            curves.setdefault((r["run"]["epsilon"] if r["run"]["epsilon"] is not None else math.inf,
-                               r["run"]["method"]), []).append(r["curve"])
+    chosen = {(r["run"]["epsilon"], r["run"]["method"]) for r in records if "chosen on validation" in r.get("tag", "")}
+    for r in records:  # the plot: per level and method, the runs at the lr chosen on validation when there are any
+        key = (r["run"]["epsilon"], r["run"]["method"])
+        if r["run"]["split"] == "test" and (key not in chosen or "chosen on validation" in r.get("tag", "")):
+            curves.setdefault((key[0] if key[0] is not None else math.inf, key[1]), []).append(r["curve"])
     if curves:
         first = next(iter(records))["run"]
         lengths = {len(c) for cs in curves.values() for c in cs}
