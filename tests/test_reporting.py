@@ -85,6 +85,57 @@ def test_federation_rounds_reach_tensorboard_and_a_resume_continues_the_curve(tm
     assert recorder.events[1][2] == scalar_logs(history[1]) and "round" not in recorder.events[1][2]
 
 
+def test_a_restart_replaces_the_curve_instead_of_drawing_a_second_one(tmp_path):
+    """``run(2)`` then ``run(2, resume=False)`` in the same output_dir: TensorBoard's reader shows one curve, the
+    restart's (each step once), not [(1, a), (2, b), (1, a), (2, b)]; a resume after it continues at round 3."""
+    _federation(tmp_path, report_to="tensorboard", eval_dataset=None).run(2)
+    restarted = _federation(tmp_path, report_to="tensorboard", eval_dataset=None, seed=1).run(2, resume=False)
+    points = _scalars(str(tmp_path / "runs" / "server"))["train/train_loss"]
+    assert [step for step, _ in points] == [1, 2]
+    assert [v for _, v in points] == pytest.approx([row["train_loss"] for row in restarted], rel=1e-6)
+    history = _federation(tmp_path, report_to="tensorboard", eval_dataset=None, seed=1).run(3)
+    points = _scalars(str(tmp_path / "runs" / "server"))["train/train_loss"]
+    assert [step for step, _ in points] == [1, 2, 3]
+    assert [v for _, v in points] == pytest.approx([row["train_loss"] for row in history], rel=1e-6)
+
+
+class ClientArgsTrainer(Trainer):
+    """Records the ``report_to`` and reporting callbacks every client Trainer is built with."""
+
+    seen: list[tuple[list[str], list[str]]] = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        names = [type(cb).__name__ for cb in self.callback_handler.callbacks]
+        ClientArgsTrainer.seen.append((list(self.args.report_to), [n for n in names if "TensorBoard" in n]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, server, clients",
+    [
+        ({"training_args": {**TRAIN, "report_to": ["tensorboard"]}}, ["tensorboard"], []),  # followed
+        ({"report_to": "tensorboard"}, ["tensorboard"], []),
+        ({"report_to": "tensorboard", "client_report_to": "tensorboard"}, ["tensorboard"], ["tensorboard"]),
+        ({"training_args": {**TRAIN, "report_to": ["tensorboard"]}, "report_to": "none"}, [], ["tensorboard"]),
+    ],
+)
+def test_clients_do_not_report_when_the_server_does(tmp_path, monkeypatch, kwargs, server, clients):
+    """With W&B a client Trainer would reuse the server's run (``wandb.run``) and log restart-at-0 steps into its
+    curve; with TensorBoard it writes a run per client per round. So clients get ``report_to="none"`` in a copy of
+    ``training_args`` unless ``client_report_to`` asks for it (or the server does not report)."""
+    monkeypatch.setattr(ClientArgsTrainer, "seen", [])
+    user_args = kwargs.get("training_args", TRAIN)
+    snapshot = {k: (list(v) if isinstance(v, list) else v) for k, v in user_args.items()}
+    fed = _federation(tmp_path, eval_dataset=None, trainer_cls=ClientArgsTrainer, **kwargs)
+    assert fed.reporter.report_to == server
+    fed.run(1)
+    assert len(ClientArgsTrainer.seen) == 2
+    assert all(report_to == clients for report_to, _ in ClientArgsTrainer.seen)
+    assert all(bool(tb) == bool(clients) for _, tb in ClientArgsTrainer.seen)
+    assert bool(glob.glob(str(tmp_path / "clients" / "*" / "runs"))) == bool(clients)
+    assert user_args == snapshot  # the user's dict is not changed
+
+
 def test_callback_can_stop_the_federation_and_run_resumes(tmp_path):
     recorder = Recorder(stop_at=1)
     fed = _federation(tmp_path, eval_dataset=None, compute_metrics=None, callbacks=[recorder])
@@ -134,6 +185,9 @@ def test_bad_reporting_arguments_fail_before_any_training(tmp_path, kwargs, erro
 def test_check_report_to_spellings():
     assert check_report_to(None) == [] and check_report_to("none") == [] and check_report_to(["none"]) == []
     assert check_report_to("tensorboard") == ["tensorboard"] and "tensorboard" in check_report_to("all")
+    assert check_report_to(["wandb", "mlflow"], check_installed=False) == ["wandb", "mlflow"]  # names only
+    with pytest.raises(ValueError, match="nope is not supported"):
+        check_report_to("nope", check_installed=False)
 
 
 def test_fedsvd_callback_numbers_land_in_the_trainers_event_file(tmp_path):

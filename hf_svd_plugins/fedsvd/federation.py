@@ -85,8 +85,13 @@ class Federation:
         report_to: where the server's per-round rows go, as ``TrainingArguments.report_to`` (``"tensorboard"``,
             ``["wandb", "tensorboard"]``, ``"all"``, ``"none"``); step = round. Default ``None``: the clients'
             ``training_args["report_to"]`` if set, else ``"none"`` (transformers' default). TensorBoard writes to
-            ``output_dir/runs/server``, one directory across resumes; each client Trainer keeps its own
-            ``report_to`` (``training_args``), with steps restarting at 0 every round.
+            ``output_dir/runs/server``, one directory across resumes (a restart with ``resume=False`` replaces the
+            old curve: see :mod:`~hf_svd_plugins.fedsvd.reporting`).
+        client_report_to: the client Trainers' ``report_to``. Default ``None``: ``"none"`` whenever the server
+            reports to an integration (its own or one followed from ``training_args``), else ``training_args``'
+            (a W&B client would otherwise reuse the server's run and log steps restarting at 0 into its curve;
+            TensorBoard clients write one run per client per round). Set it to have clients report too. The
+            user's ``training_args`` dict is never changed.
         callbacks: ``TrainerCallback`` classes or instances that get the server's ``on_train_begin`` / ``on_log`` (one
             row per round, ``state.global_step`` = round) / ``on_train_end``; a callback that sets
             ``control.should_training_stop`` ends ``run`` after that round (the state is saved: ``run`` resumes).
@@ -117,6 +122,7 @@ class Federation:
         adapter_name: str | None = None,
         report_to: str | Sequence[str] | None = None,
         callbacks: Sequence[TrainerCallback | type[TrainerCallback]] | None = None,
+        client_report_to: str | Sequence[str] | None = None,
     ) -> None:
         self.method = check_method(method)
         if client_datasets is not None:
@@ -141,10 +147,14 @@ class Federation:
                 raise ValueError(f"training_args must not set {key!r}; pass Federation({ours}=...) instead")
 
         check_client_trainer_kwargs(trainer_kwargs)
-        client_report_to = check_report_to(training_args.get("report_to"), "training_args['report_to']")
+        followed = check_report_to(training_args.get("report_to"), "training_args['report_to']")
         self.reporter = RoundReporter(
-            client_report_to if report_to is None else report_to, callbacks, output_dir=output_dir, model=model
+            followed if report_to is None else report_to, callbacks, output_dir=output_dir, model=model
         )
+        if client_report_to is not None:
+            training_args["report_to"] = check_report_to(client_report_to, "client_report_to")
+        elif self.reporter.report_to:  # the server reports: clients would write into (W&B) or beside its run
+            training_args["report_to"] = "none"
         self.model = model
         self.num_clients = num_clients
         self.client_fraction = float(client_fraction)

@@ -49,7 +49,7 @@ from hf_svd_plugins.fedsvd.client import (
     trainable_extra_names,
 )
 from hf_svd_plugins.fedsvd.core import aggregate_lora, aggregate_weighted, check_method, is_finite_update, trains_a
-from hf_svd_plugins.fedsvd.reporting import RoundReporter, reporting_evaluate_fn
+from hf_svd_plugins.fedsvd.reporting import RoundReporter, check_callbacks, check_report_to, reporting_evaluate_fn
 from hf_svd_plugins.lora import find_lora_pairs, read_lora_weights
 
 logger = logging.getLogger(__name__)
@@ -463,15 +463,27 @@ def make_server_app(
     step = server round (:func:`~hf_svd_plugins.fedsvd.reporting.reporting_evaluate_fn`): the aggregated client
     metrics (``train/train-loss``, ``train/epsilon-max``, ...) and ``evaluate_fn``'s (``eval/loss``; round 0 = the
     initial adapter). TensorBoard writes to ``<output_dir or "fedsvd_flower">/runs/server-run<run id>``.
+
+    Bad ``report_to`` names and ``callbacks`` fail here; a tracker package missing on the server fails when the
+    ServerApp starts, before ``model_fn``. Only the server reports, so building this app on a SuperNode (which may
+    have no tracker installed) checks the names alone.
+
+    Raises:
+        TypeError, ValueError: on a bad ``report_to`` or ``callbacks`` (a ``ValueError`` from the running app if an
+            integration's package is not installed on the server).
     """
     check_method(method)
     log_dir = output_dir or "fedsvd_flower"
-    RoundReporter(report_to, callbacks, output_dir=log_dir)  # bad values fail here, before any round
+    check_report_to(report_to, check_installed=False)
+    check_callbacks(callbacks)
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        reporter = RoundReporter(report_to, callbacks, output_dir=log_dir,
+                                 tensorboard_run=f"server-run{context.run_id}")  # fmt: skip
         model = model_fn()
+        reporter.handler.model = model  # TensorBoard logs its config
         pairs = find_lora_pairs(model)
         params = dict(model.named_parameters())
         set_trainable_for_method(pairs, method)
@@ -484,8 +496,6 @@ def make_server_app(
             min_train_nodes=min_train_nodes,
             min_available_nodes=min_available_nodes,
         )
-        reporter = RoundReporter(report_to, callbacks, output_dir=log_dir, model=model,
-                                 tensorboard_run=f"server-run{context.run_id}")  # fmt: skip
         round_fn = reporting_evaluate_fn(evaluate_fn, strategy.train_metrics, reporter) if reporter.active else None
         reporter.begin(0, num_rounds)
         result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=num_rounds,

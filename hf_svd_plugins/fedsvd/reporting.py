@@ -10,7 +10,10 @@ rewritten by the integrations exactly as for a Trainer: ``eval_loss`` -> ``eval/
 ``train/train_loss``, ``epsilon_max`` -> ``train/epsilon_max``.
 
 TensorBoard writes to ``<output_dir>/runs/server`` (``TENSORBOARD_LOGGING_DIR`` overrides it, as for a Trainer), one
-fixed directory, so a resumed federation appends to the same run and its curve continues at the next round.
+fixed directory, so a resumed federation appends to the same run and its curve continues at the next round. Each
+``begin(step)`` opens the writer with ``purge_step=step + 1``: TensorBoard's reader drops the events of rounds after
+``step`` written earlier, so a restart (``resume=False``: ``step = 0``) replaces the old curve instead of drawing a
+second one over it, and a round logged before a crash but never checkpointed is replaced by its rerun.
 """
 
 from __future__ import annotations
@@ -28,16 +31,19 @@ from transformers.integrations import (
 )
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
 
-__all__ = ["RoundReporter", "check_report_to", "reporting_evaluate_fn", "scalar_logs"]
+__all__ = ["RoundReporter", "check_callbacks", "check_report_to", "reporting_evaluate_fn", "scalar_logs"]
 
 
-def check_report_to(value: Any, name: str = "report_to") -> list[str]:
+def check_report_to(value: Any, name: str = "report_to", *, check_installed: bool = True) -> list[str]:
     """``report_to`` as a list of integration names, checked before any training (``"none"``/``None``: ``[]``,
     ``"all"``: every installed one).
 
+    ``check_installed=False`` checks the names only (no integration is instantiated): for a process that only
+    carries the value on, e.g. a Flower SuperNode building the ServerApp it never runs.
+
     Raises:
         TypeError: if ``value`` is not a string or a list of strings.
-        ValueError: on an unknown integration name, or one whose package is not installed.
+        ValueError: on an unknown integration name, or (``check_installed``) one whose package is not installed.
     """
     if value is None or value == "none" or value == ["none"]:
         return []
@@ -51,6 +57,8 @@ def check_report_to(value: Any, name: str = "report_to") -> list[str]:
         classes = get_reporting_integration_callbacks(names)
     except ValueError as exc:
         raise ValueError(f"{name}={value!r}: {exc} Use one of them, or 'none'") from exc
+    if not check_installed:
+        return names
     for integration, cls in zip(names, classes, strict=True):
         try:
             cls()  # the integration checks its package here (no files written, no run started)
@@ -60,6 +68,20 @@ def check_report_to(value: Any, name: str = "report_to") -> list[str]:
                 f"`pip install {integration}` or leave it out"
             ) from exc
     return names
+
+
+def check_callbacks(callbacks: Iterable[Any] | None) -> list[TrainerCallback | type[TrainerCallback]]:
+    """``callbacks`` as a list, each a ``TrainerCallback`` class or instance.
+
+    Raises:
+        TypeError: naming the first entry that is neither.
+    """
+    user = list(callbacks or [])
+    for cb in user:
+        is_class = isinstance(cb, type) and issubclass(cb, TrainerCallback)
+        if not (is_class or isinstance(cb, TrainerCallback)):
+            raise TypeError(f"callbacks must be TrainerCallback classes or instances, got {cb!r}")
+    return user
 
 
 def scalar_logs(row: Mapping[str, Any]) -> dict[str, float]:
@@ -99,11 +121,7 @@ class RoundReporter:
         tensorboard_run: str = "server",
     ) -> None:
         self.report_to = check_report_to(report_to)
-        user = list(callbacks or [])
-        for cb in user:
-            is_class = isinstance(cb, type) and issubclass(cb, TrainerCallback)
-            if not (is_class or isinstance(cb, TrainerCallback)):
-                raise TypeError(f"callbacks must be TrainerCallback classes or instances, got {cb!r}")
+        user = check_callbacks(callbacks)
         self.output_dir = os.fspath(output_dir)
         integrations = [cls() for cls in get_reporting_integration_callbacks(self.report_to)]
         for cb in integrations:
@@ -127,6 +145,10 @@ class RoundReporter:
         self.state = TrainerState(global_step=int(step), max_steps=int(max_steps), logging_steps=1)
         self.state.log_history = [{**scalar_logs(r), "step": int(r["round"])} for r in history if "round" in r]
         self.control = TrainerControl()
+        for cb in self.handler.callbacks:
+            if isinstance(cb, TensorBoardCallback) and cb.tb_writer is None:
+                # rounds after `step` logged by an earlier run (a restart, or a crash before the checkpoint) are stale
+                cb.tb_writer = cb._SummaryWriter(log_dir=cb.logging_dir, purge_step=int(step) + 1)
         self.control = self.handler.on_train_begin(self.args, self.state, self.control)
 
     def log(self, step: int, row: Mapping[str, Any]) -> bool:

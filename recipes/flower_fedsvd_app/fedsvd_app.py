@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None = None, *, parser_class: type = argparse.A
     if args.target_epsilon == 0:
         args.target_epsilon = None
     if args.delta is not None and not 0 <= args.delta < 1:
-        p.error(f"--delta must be in (0, 1) (0: the default), got {args.delta}")
+        p.error(f"--delta must be in [0, 1): 0 means the default min(1e-5, 1/(10 N)), got {args.delta}")
     if args.delta == 0:
         args.delta = None
     if args.target_epsilon is not None and args.dp_noise_multiplier is not None:
@@ -118,8 +118,8 @@ def parse_args(argv: list[str] | None = None, *, parser_class: type = argparse.A
     from hf_svd_plugins.fedsvd.reporting import check_report_to
 
     args.report_to = [name.strip() for name in args.report_to.split(",")]
-    try:
-        check_report_to(args.report_to, "--report-to")
+    try:  # names only: every SuperNode parses the run config too; the server checks the packages (make_server_app)
+        check_report_to(args.report_to, "--report-to", check_installed=False)
     except (TypeError, ValueError) as exc:
         p.error(str(exc))
     return args
