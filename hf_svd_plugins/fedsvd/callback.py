@@ -20,6 +20,17 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_svd_plugins.distributed import broadcast_flag, process_rank
+from hf_svd_plugins.fedsvd.checkpoints import (
+    LORA_A_FILE,
+    checkpoint_mismatch,
+    lora_a_key,
+    lora_b_sum_of_squares,
+    new_run_id,
+    read_lora_A_file,
+    recorded_run_id,
+    resume_folders,
+    write_lora_A_file,
+)
 from hf_svd_plugins.fedsvd.core import basis_change, refactorize, transform_moments
 from hf_svd_plugins.lora import (
     LoraPair,
@@ -40,11 +51,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["LORA_A_FILE", "OPTIMIZER_STATE_POLICIES", "FedSVDCallback", "freeze_lora_A", "read_lora_A_file",
            "refactorize_lora_model", "reset_optimizer_state", "write_lora_A_file"]
-
-LORA_A_FILE = "fedsvd_lora_A.safetensors"
-"""What :class:`FedSVDCallback` writes into every checkpoint folder: each pair's current ``A (r, d_in)``, keyed
-``<module name>.lora_A.weight``, with the step and adapter name in the safetensors metadata. transformers' DeepSpeed
-checkpoint leaves frozen parameters out, so without it a resume would bring back the initial A."""
 
 
 def freeze_lora_A(model: torch.nn.Module, adapter_name: str | None = None) -> int:  # noqa: N802 - the paper's name
@@ -157,91 +163,6 @@ def _transform_state(
     write_optimizer_state(optimizer, params, new_states)
 
 
-def _lora_a_key(pair: LoraPair) -> str:
-    return f"{pair.name}.lora_A.weight"
-
-
-@torch.no_grad()
-def write_lora_A_file(  # noqa: N802 - the paper's name
-    pairs: Sequence[LoraPair], folder: str, step: int, optimizer: object | None = None, write: bool | None = None
-) -> str | None:
-    """Write every pair's full ``A (r, d_in)`` to ``folder/`` :data:`LORA_A_FILE` (safetensors, the step in its metadata).
-
-    Every rank must call it (ZeRO-3 and FSDP2 gather, in chunks of at most ~4.2M entries); ``write`` (default: rank 0)
-    says which rank writes. Returns the file's path on the writing rank, else None.
-    """
-    write = process_rank() == 0 if write is None else write
-    values: dict[str, torch.Tensor] = {}
-    b_sum_of_squares = 0.0
-    for chunk in _chunks(pairs):
-        weights = read_lora_weights(chunk, optimizer)
-        b_sum_of_squares += sum(float(weights[p.name][1].double().square().sum()) for p in chunk)
-        if write:
-            values.update({_lora_a_key(p): weights[p.name][0].detach().to("cpu").contiguous() for p in chunk})
-    if not write:
-        return None
-    from safetensors.torch import save_file
-
-    path = os.path.join(folder, LORA_A_FILE)
-    metadata = {"format": "pt", "global_step": str(step), "adapter_name": pairs[0].adapter if pairs else "",
-                "lora_B_sum_of_squares": repr(b_sum_of_squares)}
-    save_file(values, path + ".tmp", metadata=metadata)
-    os.replace(path + ".tmp", path)  # a run killed while writing leaves no half-written file under the real name
-    return path
-
-
-def read_lora_A_file(  # noqa: N802
-    folder: str, step: int, b_sum_of_squares: float | None = None
-) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """``({key: A}, "")`` from ``folder/`` :data:`LORA_A_FILE` if it exists and was written at ``step``, else
-    ``(None, why not)``.
-
-    With ``b_sum_of_squares`` (``sum ||B||_F^2`` over the pairs of the model after the checkpoint was loaded), a file
-    whose B had another sum (relative difference above 1e-2; 16-bit rounding stays far below) is refused as written
-    by another run: a stale ``checkpoint-N`` folder with the same step.
-    """
-    path = os.path.join(folder, LORA_A_FILE)
-    if not os.path.isfile(path):
-        return None, f"{path} does not exist"
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-    saved_step, saved_b = metadata.get("global_step"), metadata.get("lora_B_sum_of_squares")
-    if saved_step != str(step):
-        return None, f"{path} was written at step {saved_step}, not at the resumed step {step}"
-    if b_sum_of_squares is not None and saved_b is not None:
-        saved = float(saved_b)
-        if abs(saved - b_sum_of_squares) > 1e-2 * max(abs(saved), abs(b_sum_of_squares), 1e-30):
-            return None, (f"{path} was written by another run (sum of B^2 {saved:.6g} there, {b_sum_of_squares:.6g} "
-                          "in the loaded checkpoint)")
-    return load_file(path), ""
-
-
-def _b_sum_of_squares(pairs: Sequence[LoraPair], optimizer: object | None) -> float:
-    """``sum ||B||_F^2`` over ``pairs`` (read like :func:`write_lora_A_file` does; every rank must call)."""
-    total = 0.0
-    for chunk in _chunks(pairs):
-        weights = read_lora_weights(chunk, optimizer)
-        total += sum(float(weights[p.name][1].double().square().sum()) for p in chunk)
-    return total
-
-
-def _resume_folders(args, state) -> list[str]:
-    """Where the checkpoint being resumed can be: ``TrainingArguments.resume_from_checkpoint`` (set by HF and TRL
-    example scripts; ``Trainer.train(resume_from_checkpoint=...)`` does not reach callbacks), then
-    ``{output_dir}/checkpoint-{global_step}`` (what ``resume_from_checkpoint=True`` picks)."""
-    folders = []
-    hint = getattr(args, "resume_from_checkpoint", None)
-    if isinstance(hint, str) and hint:
-        folders.append(hint)
-    default = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-    if all(os.path.abspath(f) != os.path.abspath(default) for f in folders):
-        folders.append(default)
-    return folders
-
-
 def _under_deepspeed(args) -> bool:
     from accelerate.utils import DistributedType
 
@@ -329,7 +250,9 @@ class FedSVDCallback(TrainerCallback, ExportableState):
         self.adapter_name = adapter_name
         self.n_refactorizations = 0
         self.last_step = -1
+        self.run_id: str | None = None  # set in on_train_begin: new at step 0, the checkpoint's on resume
         self._warned_reset_all = False
+        self._warned_hp_search = False
 
     # ------------------------------------------------------------------ state
 
@@ -342,7 +265,8 @@ class FedSVDCallback(TrainerCallback, ExportableState):
                 "log_top_singular_values": self.log_top_singular_values,
                 "adapter_name": self.adapter_name,
             },
-            "attributes": {"n_refactorizations": self.n_refactorizations, "last_step": self.last_step},
+            "attributes": {"n_refactorizations": self.n_refactorizations, "last_step": self.last_step,
+                           "run_id": self.run_id},
         }
 
     # ------------------------------------------------------------------ events
@@ -372,23 +296,42 @@ class FedSVDCallback(TrainerCallback, ExportableState):
         if self.last_step < 0 and state.global_step > 0:
             self.n_refactorizations = state.global_step // k
             self.last_step = (state.global_step // k) * k if state.global_step >= k else -1
-        if state.global_step > 0:  # resumed: transformers has loaded the checkpoint before on_train_begin
-            self._restore_lora_a(args, _resume_folders(args, state), state.global_step, model, kwargs.get("optimizer"),
-                                 pairs, "resuming")
+        if state.global_step == 0:
+            self.run_id = new_run_id()
+            return
+        # resumed: transformers has loaded the checkpoint (and its trainer_state.json into `state`) by now
+        self.run_id = recorded_run_id(state.stateful_callbacks, type(self).__name__, self.adapter_name)
+        self._restore_lora_a(args, resume_folders(args, state), state.global_step, model, kwargs.get("optimizer"),
+                             pairs, "resuming")
+        if self.run_id is None:  # a checkpoint from before run ids: the checkpoints from here on get one
+            self.run_id = new_run_id()
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
             return
+        if state.is_hyper_param_search:
+            # the Trainer saved into output_dir/run-<trial>/checkpoint-N; callbacks are not told the trial's folder
+            if not self._warned_hp_search and process_rank() == 0:
+                logger.warning(
+                    "FedSVDCallback: under Trainer.hyperparameter_search the checkpoints go to per-trial folders that "
+                    "callbacks cannot see, so %s is not written into them: a DeepSpeed resume from a trial checkpoint "
+                    "would bring back the initial LoRA A", LORA_A_FILE,
+                )
+            self._warned_hp_search = True
+            return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if not broadcast_flag(os.path.isdir(folder) if process_rank() == 0 else False):
+        why = ""
+        if process_rank() == 0:
+            why = checkpoint_mismatch(folder, state.global_step, type(self).__name__, self.adapter_name, self.run_id)
+        if broadcast_flag(bool(why)):  # never write into a folder that is not the checkpoint just saved
             if process_rank() == 0:
                 logger.warning(
-                    "FedSVDCallback: checkpoint folder %s not found (hyperparameter search run directory?); LoRA A not "
-                    "saved with it, a DeepSpeed resume from it would bring back the initial A", folder,
+                    "FedSVDCallback: %s is not the checkpoint the Trainer just saved (%s); LoRA A not saved with it, a "
+                    "DeepSpeed resume from that checkpoint would bring back the initial A", folder, why,
                 )
             return
         pairs = find_lora_pairs(model, self.adapter_name)
-        write_lora_A_file(pairs, folder, state.global_step, optimizer, write=bool(args.should_save))
+        write_lora_A_file(pairs, folder, state.global_step, optimizer, write=bool(args.should_save), run_id=self.run_id)
         if any(is_zero3_param(p.A) and not p.A.requires_grad for p in pairs):
             # transformers wrote the checkpoint's adapter from a ZeRO-3 consolidation without frozen weights
             save_full_adapter(model, folder)
@@ -410,17 +353,17 @@ class FedSVDCallback(TrainerCallback, ExportableState):
         """Write the A saved with the checkpoint of ``step`` (the first of ``folders`` that has it) back into the
         model (rank 0 reads; every rank calls), or warn under DeepSpeed."""
         values, reasons, problem = None, [], ""
-        b_sum_of_squares = _b_sum_of_squares(pairs, optimizer)  # B as the checkpoint loader left it
+        b_sum_of_squares = lora_b_sum_of_squares(pairs, optimizer)  # B as the checkpoint loader left it
         if process_rank() == 0:
             for folder in folders:
-                values, why = read_lora_A_file(folder, step, b_sum_of_squares)
+                values, why = read_lora_A_file(folder, step, b_sum_of_squares, self.run_id)
                 if values is not None:
                     break
                 reasons.append(why)
             if values is not None:
-                missing = [_lora_a_key(p) for p in pairs if _lora_a_key(p) not in values]
-                wrong = [_lora_a_key(p) for p in pairs if _lora_a_key(p) in values
-                         and tuple(values[_lora_a_key(p)].shape) != full_shape(p.A)]
+                missing = [lora_a_key(p) for p in pairs if lora_a_key(p) not in values]
+                wrong = [lora_a_key(p) for p in pairs if lora_a_key(p) in values
+                         and tuple(values[lora_a_key(p)].shape) != full_shape(p.A)]
                 if missing or wrong:
                     problem = f"missing {missing[:3]}, wrong shape {wrong[:3]}"
         if broadcast_flag(values is not None):
@@ -430,11 +373,12 @@ class FedSVDCallback(TrainerCallback, ExportableState):
                     f"({problem or 'see rank 0'}): resume with the same LoraConfig (r, target_modules) and adapter_name"
                 )
             assign_lora_weights(
-                pairs, {p.name: (values[_lora_a_key(p)] if values is not None else p.A.new_zeros(full_shape(p.A)), None)
+                pairs, {p.name: (values[lora_a_key(p)] if values is not None else p.A.new_zeros(full_shape(p.A)), None)
                         for p in pairs}, optimizer,
             )
             return
-        if process_rank() == 0 and _under_deepspeed(args) and any(not p.A.requires_grad for p in pairs):
+        refactorized = step >= self.every_n_steps  # before the first refactorization A is the initial A anyway
+        if refactorized and process_rank() == 0 and _under_deepspeed(args) and any(not p.A.requires_grad for p in pairs):
             warnings.warn(
                 f"FedSVDCallback: {event} at step {step} under DeepSpeed, but no {LORA_A_FILE} for that step was "
                 f"found ({'; '.join(reasons)}). transformers' DeepSpeed checkpoint leaves frozen parameters out, so "
