@@ -335,3 +335,16 @@ def test_save_full_adapter_never_leaves_a_half_written_adapter_file(tmp_path, mo
     saved = load_file(target / "adapter_model.safetensors")
     want = read_lora_weights(find_lora_pairs(model))
     assert all(torch.equal(saved[f"base_model.model.{n}.lora_A.weight"], a) for n, (a, _) in want.items())
+
+
+def test_push_to_hub_under_deepspeed_warns_that_pushed_checkpoints_lack_a(tmp_path, as_deepspeed):
+    """The Trainer uploads a checkpoint before on_save runs (``_save_checkpoint`` -> ``_push_from_checkpoint``), so
+    what it pushes has no A file: said once at train begin, with the workaround."""
+    model = tiny_lora_model("llama", r=4)
+    freeze_lora_A(model)
+    with pytest.warns(UserWarning, match=r"uploads each checkpoint.*before callbacks' on_save.*no fedsvd_lora_A"
+                                         r".*save_full_adapter\(trainer, d\)"):
+        FedSVDCallback().on_train_begin(_args(tmp_path, push_to_hub=True), TrainerState(), TrainerControl(), model=model)
+    with warnings_as_list() as caught:
+        FedSVDCallback().on_train_begin(_args(tmp_path), TrainerState(), TrainerControl(), model=model)
+    assert not caught

@@ -193,16 +193,28 @@ class FedSVDCallback(TrainerCallback, ExportableState):
         adapter_name: the LoRA adapter (default: the active one).
         reset_optimizer_state: deprecated, use ``optimizer_state``: True is ``"reset"``, False is ``"keep"``.
 
-    State: ``n_refactorizations`` and ``last_step`` are exported with the Trainer state; on resume without
-    ``restore_callback_states_from_checkpoint`` they are derived from ``state.global_step``.
+    State: ``n_refactorizations``, ``last_step`` and ``run_id`` are exported with the Trainer state (so they are in
+    every checkpoint's ``trainer_state.json``); on resume without ``restore_callback_states_from_checkpoint`` the
+    counters are derived from ``state.global_step`` and ``run_id`` is read from the resumed ``state.stateful_callbacks``.
 
-    Checkpoints: ``on_save`` writes every A into the checkpoint folder (:data:`LORA_A_FILE`) and, under ZeRO-3 with a
-    frozen A, rewrites the folder's adapter with the whole adapter (transformers leaves frozen weights out of both its
-    DeepSpeed checkpoint and its ZeRO-3 adapter). On resume, ``on_train_begin`` writes the saved A back (the DeepSpeed
-    checkpoint brought back the initial one), or warns under DeepSpeed if it finds no file for the resumed step;
+    Checkpoints: ``on_save`` writes every A into the checkpoint folder (:data:`LORA_A_FILE`, with ``run_id``: a random
+    id drawn at a fresh start and kept across resumes) and, under ZeRO-3 with a frozen A, rewrites the folder's adapter
+    with the whole adapter (transformers leaves frozen weights out of both its DeepSpeed checkpoint and its ZeRO-3
+    adapter). It writes only into ``{output_dir}/checkpoint-{global_step}`` when that folder's ``trainer_state.json``
+    records this step and run; under ``Trainer.hyperparameter_search`` (per-trial folders callbacks are not told) it
+    writes nothing and warns once. On resume, ``on_train_begin`` writes the saved A back (the DeepSpeed checkpoint
+    brought back the initial one) if the file has the resumed step and run id, or, under DeepSpeed after the first
+    refactorization, warns. It looks in ``TrainingArguments.resume_from_checkpoint``, then
+    ``{output_dir}/checkpoint-{global_step}``: resuming from any other folder, set
+    ``TrainingArguments(resume_from_checkpoint=folder)`` as well as ``train(resume_from_checkpoint=folder)``.
     ``on_train_end`` does the same for ``load_best_model_at_end`` (the best checkpoint's B next to the last A). For
     the final adapter under ZeRO-3 use :func:`~hf_svd_plugins.lora.save_full_adapter` instead of
     ``trainer.save_model``.
+
+    Push to Hub: the Trainer uploads each checkpoint (``_push_from_checkpoint``, in the background) *before* any
+    callback's ``on_save``, so a pushed checkpoint has no :data:`LORA_A_FILE`, and under ZeRO-3 its adapter (and what
+    ``Trainer.push_to_hub()`` saves) has no ``lora_A``; under DeepSpeed the callback warns once. Resume from the local
+    checkpoints, and push the final adapter saved with ``save_full_adapter`` (e.g. ``huggingface_hub.upload_folder``).
     """
 
     writes_lora_weights = True  # see hf_svd_plugins.trainer_utils.writes_lora_weights (federations refuse it)
@@ -291,6 +303,8 @@ class FedSVDCallback(TrainerCallback, ExportableState):
                 "the callback in `Trainer(callbacks=[...])`.",
                 stacklevel=2,
             )
+        if args.push_to_hub and _under_deepspeed(args) and any(not p.A.requires_grad for p in pairs):
+            self._warn_pushes_lack_a(zero3=any(is_zero3_param(p.A) for p in pairs))
         # Derive the counters from the global step (resume without restored callback state).
         k = self.every_n_steps
         if self.last_step < 0 and state.global_step > 0:
@@ -305,6 +319,21 @@ class FedSVDCallback(TrainerCallback, ExportableState):
                              pairs, "resuming")
         if self.run_id is None:  # a checkpoint from before run ids: the checkpoints from here on get one
             self.run_id = new_run_id()
+
+    @staticmethod
+    def _warn_pushes_lack_a(zero3: bool) -> None:
+        if process_rank() != 0:
+            return
+        adapter = ("; under ZeRO-3 its adapter_model.safetensors has no lora_A either (PeftModel.from_pretrained "
+                   "then keeps a random A), and so has what Trainer.push_to_hub() saves") if zero3 else ""
+        warnings.warn(
+            "FedSVDCallback with push_to_hub under DeepSpeed: the Trainer uploads each checkpoint (in the background) "
+            f"before callbacks' on_save run, so a pushed checkpoint has no {LORA_A_FILE} (a DeepSpeed resume from it "
+            f"brings back the initial A){adapter}. Resume from the local checkpoints; push the final adapter saved "
+            "with `save_full_adapter(trainer, d)` (rank 0: `huggingface_hub.upload_folder(repo_id=..., "
+            "folder_path=d)`).",
+            stacklevel=3,
+        )
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
