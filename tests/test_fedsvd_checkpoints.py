@@ -337,14 +337,71 @@ def test_save_full_adapter_never_leaves_a_half_written_adapter_file(tmp_path, mo
     assert all(torch.equal(saved[f"base_model.model.{n}.lora_A.weight"], a) for n, (a, _) in want.items())
 
 
-def test_push_to_hub_under_deepspeed_warns_that_pushed_checkpoints_lack_a(tmp_path, as_deepspeed):
-    """The Trainer uploads a checkpoint before on_save runs (``_save_checkpoint`` -> ``_push_from_checkpoint``), so
-    what it pushes has no A file: said once at train begin, with the workaround."""
-    model = tiny_lora_model("llama", r=4)
-    freeze_lora_A(model)
-    with pytest.warns(UserWarning, match=r"uploads each checkpoint.*before callbacks' on_save.*no fedsvd_lora_A"
-                                         r".*save_full_adapter\(trainer, d\)"):
-        FedSVDCallback().on_train_begin(_args(tmp_path, push_to_hub=True), TrainerState(), TrainerControl(), model=model)
-    with warnings_as_list() as caught:
-        FedSVDCallback().on_train_begin(_args(tmp_path), TrainerState(), TrainerControl(), model=model)
-    assert not caught
+
+class FakeHub:
+    """Stands in for ``huggingface_hub.HfApi`` inside transformers.trainer: records, at each upload, the files the
+    background upload would read."""
+
+    def __init__(self):
+        self.uploads: list[dict] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(repo_id=f"me/{repo_id}")
+
+    def upload_folder(self, repo_id, folder_path, path_in_repo=None, **kwargs):
+        from concurrent.futures import Future
+
+        from safetensors.torch import load_file
+
+        a_file = os.path.join(folder_path, LORA_A_FILE)
+        self.uploads.append({
+            "path_in_repo": path_in_repo, "files": set(os.listdir(folder_path)),
+            "a": load_file(a_file) if os.path.isfile(a_file) else None,
+            "step": _metadata(a_file)["global_step"] if os.path.isfile(a_file) else None,
+        })
+        done = Future()
+        done.set_result(None)
+        return done
+
+
+def test_pushed_checkpoints_hold_the_a_file(tmp_path, monkeypatch):
+    """The Trainer uploads a checkpoint (``_save_checkpoint`` -> ``_push_from_checkpoint``) before on_save runs, so
+    the pushed checkpoint had no A file. The callback now gathers A in on_step_end once a save is announced and writes
+    it in on_push_begin, after the checkpoint is on disk and before the upload starts."""
+    import transformers.trainer
+
+    hub = FakeHub()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    trainer = _train_with_checkpoints(tmp_path, push_to_hub=True, hub_strategy="checkpoint")
+    pushed = [u for u in hub.uploads if u["path_in_repo"] == "last-checkpoint"]
+    assert [u["step"] for u in pushed] == ["2", "4"]
+    final = read_lora_weights(find_lora_pairs(trainer.model))
+    assert all(torch.equal(pushed[-1]["a"][f"{n}.lora_A.weight"], a) for n, (a, _) in final.items())
+    assert _metadata(tmp_path / "checkpoint-4" / LORA_A_FILE)["fedsvd_run_id"] == _callback(trainer).run_id
+    assert all("adapter_model.safetensors" in u["files"] for u in hub.uploads)
+
+
+def test_push_under_zero3_rewrites_the_pushed_adapter_and_warns_about_the_final_push(tmp_path, monkeypatch):
+    """ZeRO-3 simulated (every A counts as partitioned): the adapter gathered before the save is written into the
+    checkpoint before its upload; Trainer.push_to_hub() at the end would still save without A, which is said once."""
+    import transformers.trainer
+    from safetensors.torch import load_file
+
+    import hf_svd_plugins.fedsvd.callback as callback_module
+
+    hub = FakeHub()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    monkeypatch.setattr(callback_module, "is_zero3_param", lambda p: True)
+    written = []
+    real = callback_module.save_adapter_state_dict
+    monkeypatch.setattr(callback_module, "save_adapter_state_dict",
+                        lambda model, folder, state: (written.append(os.path.basename(folder)), real(model, folder, state)))
+    with pytest.warns(UserWarning, match=r"push_to_hub under ZeRO-3.*Trainer.push_to_hub\(\) saves the adapter through "
+                                         r"save_model.*save_full_adapter\(trainer, d\)"):
+        trainer = _train_with_checkpoints(tmp_path, push_to_hub=True, hub_strategy="checkpoint")
+    assert written == ["checkpoint-2", "checkpoint-4"]  # once each, from the gathered state (on_save did not redo it)
+    adapter = load_file(tmp_path / "checkpoint-4" / "adapter_model.safetensors")
+    final = read_lora_weights(find_lora_pairs(trainer.model))
+    assert all(torch.equal(adapter[f"base_model.model.{n}.lora_A.weight"], a) for n, (a, _) in final.items())

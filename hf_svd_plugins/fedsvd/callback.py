@@ -23,12 +23,14 @@ from hf_svd_plugins.distributed import broadcast_flag, process_rank
 from hf_svd_plugins.fedsvd.checkpoints import (
     LORA_A_FILE,
     checkpoint_mismatch,
+    gather_lora_A,
     lora_a_key,
     lora_b_sum_of_squares,
     new_run_id,
     read_lora_A_file,
     recorded_run_id,
     resume_folders,
+    save_lora_A_file,
     write_lora_A_file,
 )
 from hf_svd_plugins.fedsvd.core import basis_change, refactorize, transform_moments
@@ -45,6 +47,7 @@ from hf_svd_plugins.lora import (
     save_full_adapter,
     write_optimizer_state,
 )
+from hf_svd_plugins.lora.saving import gathered_adapter_state_dict, save_adapter_state_dict
 from hf_svd_plugins.trainer_utils import log_to_trainer
 
 logger = logging.getLogger(__name__)
@@ -212,9 +215,11 @@ class FedSVDCallback(TrainerCallback, ExportableState):
     ``trainer.save_model``.
 
     Push to Hub: the Trainer uploads each checkpoint (``_push_from_checkpoint``, in the background) *before* any
-    callback's ``on_save``, so a pushed checkpoint has no :data:`LORA_A_FILE`, and under ZeRO-3 its adapter (and what
-    ``Trainer.push_to_hub()`` saves) has no ``lora_A``; under DeepSpeed the callback warns once. Resume from the local
-    checkpoints, and push the final adapter saved with ``save_full_adapter`` (e.g. ``huggingface_hub.upload_folder``).
+    callback's ``on_save``. With ``push_to_hub`` the callback therefore gathers A (and under ZeRO-3 the adapter) in
+    ``on_step_end``/``on_epoch_end`` once a save is announced (``control.should_save``; with ``save_strategy="best"``
+    at every evaluation), and writes it in ``on_push_begin``, between the Trainer's save and its upload; ``on_save``
+    then writes only what no push wrote. ``Trainer.push_to_hub()`` at the end saves through ``save_model`` (under
+    ZeRO-3 without ``lora_A``; warned once): push the folder written by ``save_full_adapter`` instead.
     """
 
     writes_lora_weights = True  # see hf_svd_plugins.trainer_utils.writes_lora_weights (federations refuse it)
@@ -265,6 +270,8 @@ class FedSVDCallback(TrainerCallback, ExportableState):
         self.run_id: str | None = None  # set in on_train_begin: new at step 0, the checkpoint's on resume
         self._warned_reset_all = False
         self._warned_hp_search = False
+        self._gathered_step = -1  # the step whose checkpoint files were gathered before the Trainer's save and push
+        self._for_push: dict | None = None  # those files' contents, on the ranks that write
 
     # ------------------------------------------------------------------ state
 
@@ -303,8 +310,15 @@ class FedSVDCallback(TrainerCallback, ExportableState):
                 "the callback in `Trainer(callbacks=[...])`.",
                 stacklevel=2,
             )
-        if args.push_to_hub and _under_deepspeed(args) and any(not p.A.requires_grad for p in pairs):
-            self._warn_pushes_lack_a(zero3=any(is_zero3_param(p.A) for p in pairs))
+        if args.push_to_hub and process_rank() == 0 and any(is_zero3_param(p.A) and not p.A.requires_grad for p in pairs):
+            warnings.warn(
+                "FedSVDCallback with push_to_hub under ZeRO-3: the checkpoints it pushes get the whole adapter, but "
+                "Trainer.push_to_hub() saves the adapter through save_model, without the frozen lora_A "
+                "(PeftModel.from_pretrained would keep a random A). Push the final adapter saved with "
+                "`save_full_adapter(trainer, d)` instead (rank 0: `huggingface_hub.upload_folder(repo_id=..., "
+                "folder_path=d)`).",
+                stacklevel=2,
+            )
         # Derive the counters from the global step (resume without restored callback state).
         k = self.every_n_steps
         if self.last_step < 0 and state.global_step > 0:
@@ -319,21 +333,6 @@ class FedSVDCallback(TrainerCallback, ExportableState):
                              pairs, "resuming")
         if self.run_id is None:  # a checkpoint from before run ids: the checkpoints from here on get one
             self.run_id = new_run_id()
-
-    @staticmethod
-    def _warn_pushes_lack_a(zero3: bool) -> None:
-        if process_rank() != 0:
-            return
-        adapter = ("; under ZeRO-3 its adapter_model.safetensors has no lora_A either (PeftModel.from_pretrained "
-                   "then keeps a random A), and so has what Trainer.push_to_hub() saves") if zero3 else ""
-        warnings.warn(
-            "FedSVDCallback with push_to_hub under DeepSpeed: the Trainer uploads each checkpoint (in the background) "
-            f"before callbacks' on_save run, so a pushed checkpoint has no {LORA_A_FILE} (a DeepSpeed resume from it "
-            f"brings back the initial A){adapter}. Resume from the local checkpoints; push the final adapter saved "
-            "with `save_full_adapter(trainer, d)` (rank 0: `huggingface_hub.upload_folder(repo_id=..., "
-            "folder_path=d)`).",
-            stacklevel=3,
-        )
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
@@ -358,6 +357,10 @@ class FedSVDCallback(TrainerCallback, ExportableState):
                     "FedSVDCallback: %s is not the checkpoint the Trainer just saved (%s); LoRA A not saved with it, a "
                     "DeepSpeed resume from that checkpoint would bring back the initial A", folder, why,
                 )
+            self._for_push = None
+            return
+        if self._gathered_step == state.global_step:  # every rank: gathered in on_step_end/on_epoch_end
+            self._write_gathered(args, state, model)  # unless on_push_begin wrote it already
             return
         pairs = find_lora_pairs(model, self.adapter_name)
         write_lora_A_file(pairs, folder, state.global_step, optimizer, write=bool(args.should_save), run_id=self.run_id)
@@ -419,8 +422,55 @@ class FedSVDCallback(TrainerCallback, ExportableState):
             )
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if model is None or state.global_step % self.every_n_steps != 0 or state.global_step == self.last_step:
+        if model is None:
             return
+        if state.global_step % self.every_n_steps == 0 and state.global_step != self.last_step:
+            self._refactorize(state, model, optimizer)
+        self._gather_before_push(args, state, control, model, optimizer)
+
+    def on_epoch_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is not None:
+            self._gather_before_push(args, state, control, model, optimizer)
+
+    def on_push_begin(self, args, state, control, model=None, **kwargs):
+        # rank 0 only, inside Trainer._save_checkpoint: the checkpoint is on disk, its upload not started yet
+        self._write_gathered(args, state, model)
+
+    def _gather_before_push(self, args, state, control, model, optimizer) -> None:
+        """With ``push_to_hub`` the Trainer uploads a checkpoint before ``on_save``; ``on_push_begin`` comes first but
+        runs on rank 0 alone (no gather possible), so gather on every rank now, when a save is announced, what
+        ``on_save`` would write (A, and under ZeRO-3 with a frozen A the whole adapter)."""
+        if not args.push_to_hub or args.hub_strategy == "end" or state.is_hyper_param_search:
+            return
+        if self._gathered_step == state.global_step or not (
+            control.should_save or (args.save_strategy == "best" and control.should_evaluate)
+        ):
+            return
+        pairs = find_lora_pairs(model, self.adapter_name)
+        values, b_sum = gather_lora_A(pairs, optimizer, keep=bool(args.should_save))
+        adapter = None
+        if any(is_zero3_param(p.A) and not p.A.requires_grad for p in pairs):
+            adapter = gathered_adapter_state_dict(model)
+        self._gathered_step = state.global_step
+        self._for_push = None if values is None else {
+            "step": state.global_step, "adapter_name": pairs[0].adapter, "a": values, "b_sum": b_sum,
+            "adapter": adapter,
+        }
+
+    def _write_gathered(self, args, state, model) -> None:
+        """Write what :meth:`_gather_before_push` gathered into the checkpoint just saved (this process only)."""
+        pending = self._for_push
+        if pending is None or pending["step"] != state.global_step:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if checkpoint_mismatch(folder, state.global_step, type(self).__name__, self.adapter_name, self.run_id):
+            return  # on_save says why
+        self._for_push = None
+        save_lora_A_file(pending["a"], folder, pending["step"], pending["adapter_name"], pending["b_sum"], self.run_id)
+        if pending["adapter"] is not None:
+            save_adapter_state_dict(model, folder, pending["adapter"])
+
+    def _refactorize(self, state, model, optimizer) -> None:
         pairs = find_lora_pairs(model, self.adapter_name)
         spectrum = refactorize_lora_model(model, optimizer=optimizer, pairs=pairs, optimizer_state=self.optimizer_state)
         if self.optimizer_state == "reset" and not self._warned_reset_all:

@@ -50,19 +50,37 @@ def write_lora_A_file(  # noqa: N802 - the paper's name
     Every rank must call it (ZeRO-3 and FSDP2 gather, in chunks of at most ~4.2M entries); ``write`` (default: rank 0)
     says which rank writes. Returns the file's path on the writing rank, else None.
     """
-    write = process_rank() == 0 if write is None else write
+    values, b_sum = gather_lora_A(pairs, optimizer, keep=write)
+    if values is None:
+        return None
+    return save_lora_A_file(values, folder, step, pairs[0].adapter if pairs else "", b_sum, run_id)
+
+
+@torch.no_grad()
+def gather_lora_A(  # noqa: N802
+    pairs: Sequence[LoraPair], optimizer: object | None = None, keep: bool | None = None
+) -> tuple[dict[str, torch.Tensor] | None, float]:
+    """``({key: whole A on the CPU} on the ranks that ``keep`` (default: rank 0), else None, sum ||B||_F^2)``; every
+    rank must call it (gathered chunk by chunk)."""
+    keep = process_rank() == 0 if keep is None else keep
     values: dict[str, torch.Tensor] = {}
     b_sum_of_squares = 0.0
     for chunk, weights in _chunked_weights(pairs, optimizer):
         b_sum_of_squares += sum(float(weights[p.name][1].double().square().sum()) for p in chunk)
-        if write:
+        if keep:
             values.update({lora_a_key(p): weights[p.name][0].detach().to("cpu").contiguous() for p in chunk})
-    if not write:
-        return None
+    return (values if keep else None), b_sum_of_squares
+
+
+def save_lora_A_file(  # noqa: N802
+    values: dict[str, torch.Tensor], folder: str, step: int, adapter_name: str, b_sum_of_squares: float,
+    run_id: str | None,
+) -> str:
+    """Write :func:`gather_lora_A`'s values to ``folder/`` :data:`LORA_A_FILE` (this process only); its path."""
     from safetensors.torch import save_file
 
     path = os.path.join(folder, LORA_A_FILE)
-    metadata = {"format": "pt", "global_step": str(step), "adapter_name": pairs[0].adapter if pairs else "",
+    metadata = {"format": "pt", "global_step": str(step), "adapter_name": adapter_name,
                 "lora_B_sum_of_squares": repr(b_sum_of_squares), "fedsvd_run_id": run_id or ""}
     # a temporary name of this process alone (save_on_each_node on a shared filesystem: one writer per node), renamed:
     # a run killed while writing leaves no half-written file under the real name

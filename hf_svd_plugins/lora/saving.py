@@ -86,14 +86,16 @@ def save_full_adapter(trainer_or_model: object, output_dir: str) -> None:
         trainer_or_model.save_model(output_dir)
     state = gathered_adapter_state_dict(peft_model)
     if state is not None:
-        _save_pretrained_atomically(peft_model, output_dir, state)
+        save_adapter_state_dict(peft_model, output_dir, state)
 
 
-def _save_pretrained_atomically(peft_model: nn.Module, output_dir: str, state: dict[str, torch.Tensor]) -> None:
-    """``peft_model.save_pretrained(output_dir, state_dict=state)``, written into a temporary folder inside
+def save_adapter_state_dict(model: nn.Module, output_dir: str, state: dict[str, torch.Tensor]) -> None:
+    """``PeftModel.save_pretrained(output_dir, state_dict=state)`` for ``model`` (a PeftModel, possibly wrapped; ``state``
+    from :func:`gathered_adapter_state_dict`; this process only), written into a temporary folder inside
     ``output_dir`` and renamed file by file (same filesystem: each rename is atomic), so a reader of ``output_dir`` (a
     Hub upload in the background) sees each file old or new, never half written. An existing README.md (the model
     card) is kept."""
+    peft_model = unwrap_peft_model(model)
     os.makedirs(output_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".adapter-{process_rank()}-{os.getpid()}-", dir=output_dir)
     try:
