@@ -381,6 +381,11 @@ def test_pushed_checkpoints_hold_the_a_file(tmp_path, monkeypatch):
     assert all(torch.equal(pushed[-1]["a"][f"{n}.lora_A.weight"], a) for n, (a, _) in final.items())
     assert _metadata(tmp_path / "checkpoint-4" / LORA_A_FILE)["fedsvd_run_id"] == _callback(trainer).run_id
     assert all("adapter_model.safetensors" in u["files"] for u in hub.uploads)
+    short = _train_with_checkpoints(tmp_path / "short", max_steps=2, push_to_hub=True, hub_strategy="checkpoint")
+    first_id = _callback(short).run_id
+    short.train()  # the same Trainer and callback from step 0 again: a new run, whose step 2 the last one gathered
+    assert _callback(short).run_id != first_id
+    assert _metadata(tmp_path / "short" / "checkpoint-2" / LORA_A_FILE)["fedsvd_run_id"] == _callback(short).run_id
 
 
 def test_push_under_zero3_rewrites_the_pushed_adapter_and_warns_about_the_final_push(tmp_path, monkeypatch):

@@ -295,6 +295,7 @@ class FedSVDCallback(TrainerCallback, ExportableState):
             freeze_lora_A(model, self.adapter_name)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._gathered_step, self._for_push = -1, None  # a callback reused by a second train() starts clean
         if model is None:
             return
         pairs = find_lora_pairs(model, self.adapter_name)
