@@ -1,10 +1,9 @@
-"""FedSVDCallback inside real Trainers on tiny models: function unchanged, optimizer state reset, logs, resume, TRL."""
+"""FedSVDCallback inside real Trainers on tiny models: function unchanged, optimizer state reset, logs, resume, TRL.
+
+The checkpoint A file (resume under DeepSpeed, run ids, the final adapter) is tested in test_fedsvd_checkpoints.py.
+"""
 
 from __future__ import annotations
-
-import contextlib
-import os
-import warnings
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from tiny import TinyTokenDataset, pad_collate, tiny_batches, tiny_lora_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_svd_plugins.fedsvd import FedSVDCallback, freeze_lora_A, refactorize_lora_model
-from hf_svd_plugins.lora import assign_lora_weights, find_lora_pairs, read_lora_weights
+from hf_svd_plugins.lora import find_lora_pairs, read_lora_weights
 
 
 @pytest.fixture(autouse=True)
@@ -63,6 +62,17 @@ class Probe(TrainerCallback):
         self.records.append(
             {"step": state.global_step, "logits": logits, "weights": read_lora_weights(pairs), "opt_b": opt_state}
         )
+
+
+class StopAt(TrainerCallback):
+    """Stops training after optimizer step ``step`` (after that step's checkpoint, if it has one): a killed run."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -185,17 +195,9 @@ def test_freeze_lora_a_and_bad_arguments():
 def test_callback_resume_equals_uninterrupted(tmp_path):
     """Refactorize every 2 steps, checkpoint at step 3, resume: same final weights as one uninterrupted run."""
 
-    class KillAt(TrainerCallback):
-        def __init__(self, step):
-            self.step = step
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == self.step:
-                control.should_training_stop = True
-
     def run(out, kill_at=None, resume=None):
         model = tiny_lora_model("llama", r=4)
-        callbacks = [FedSVDCallback(every_n_steps=2)] + ([KillAt(kill_at)] if kill_at else [])
+        callbacks = [FedSVDCallback(every_n_steps=2)] + ([StopAt(kill_at)] if kill_at else [])
         trainer = Trainer(
             model=model,
             args=_args(out, max_steps=5, save_strategy="steps", save_steps=3, logging_steps=2),
@@ -331,175 +333,3 @@ def test_refactorize_in_chunks_equals_all_at_once(monkeypatch):
     refactorize_lora_model(chunked)
     a, b = read_lora_weights(find_lora_pairs(whole)), read_lora_weights(find_lora_pairs(chunked))
     assert all(torch.equal(a[n][0], b[n][0]) and torch.equal(a[n][1], b[n][1]) for n in a)
-
-
-@contextlib.contextmanager
-def warnings_as_list():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield caught
-
-
-def _train_with_checkpoints(out, **kw):
-    model = tiny_lora_model("llama", r=4)
-    trainer = Trainer(
-        model=model,
-        args=_args(out, max_steps=4, save_strategy="steps", save_steps=2, **kw),
-        train_dataset=TinyTokenDataset(n=48),
-        data_collator=pad_collate,
-        callbacks=[FedSVDCallback(every_n_steps=2)],
-    )
-    trainer.train()
-    return trainer
-
-
-def _resume_begin(callback, args, step, model):
-    """``on_train_begin`` as the Trainer calls it on resume (after it loaded the checkpoint)."""
-    from transformers import TrainerControl, TrainerState
-
-    callback.on_train_begin(args, TrainerState(global_step=step), TrainerControl(), model=model)
-
-
-def _as_deepspeed_resumes(checkpoint) -> torch.nn.Module:
-    """A fresh model with the checkpoint's weights but the *initial* frozen A: what transformers' DeepSpeed resume
-    (``exclude_frozen_parameters=True`` at save, ``load_module_strict=False`` at load) leaves."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    model = tiny_lora_model("llama", r=4)
-    freeze_lora_A(model)
-    saved = load_file(os.path.join(checkpoint, "adapter_model.safetensors"))
-    set_peft_model_state_dict(model, {k: v for k, v in saved.items() if "lora_A" not in k})
-    return model
-
-
-def test_on_save_writes_a_and_resume_writes_it_back(tmp_path):
-    """The checkpoint's A file holds the refactorized A of that step (equal to the A in PEFT's own adapter file);
-    a model with the initial A and the checkpoint's B gets it back in on_train_begin, B untouched."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from hf_svd_plugins.fedsvd import LORA_A_FILE
-
-    trainer = _train_with_checkpoints(tmp_path)
-    final = read_lora_weights(find_lora_pairs(trainer.model))
-    for step in (2, 4):
-        path = tmp_path / f"checkpoint-{step}" / LORA_A_FILE
-        with safe_open(str(path), framework="pt") as f:
-            assert f.metadata()["global_step"] == str(step)
-        saved = load_file(path)
-        adapter = load_file(tmp_path / f"checkpoint-{step}" / "adapter_model.safetensors")  # PEFT's own save
-        assert set(saved) == {f"{name}.lora_A.weight" for name in final}
-        for name in final:
-            a = saved[f"{name}.lora_A.weight"]
-            assert torch.equal(a, adapter[f"base_model.model.{name}.lora_A.weight"])
-            torch.testing.assert_close(a.double() @ a.double().T, torch.eye(4, dtype=torch.float64), atol=1e-5, rtol=0)
-    model = _as_deepspeed_resumes(tmp_path / "checkpoint-4")
-    before = read_lora_weights(find_lora_pairs(model))
-    _resume_begin(FedSVDCallback(every_n_steps=2), trainer.args, 4, model)
-    restored = read_lora_weights(find_lora_pairs(model))
-    for name, (a, b) in final.items():
-        assert not torch.equal(before[name][0], a)  # the initial A
-        assert torch.equal(restored[name][0], a)
-        assert torch.equal(restored[name][1], b) and torch.equal(before[name][1], b)
-
-
-def test_resume_without_a_usable_file_warns_under_deepspeed_only(tmp_path, monkeypatch):
-    """No file (a checkpoint from before the fix), a file from another step, or one from another run (same step,
-    other B: a stale checkpoint folder): A is left alone, and under DeepSpeed a warning says what that means."""
-    import hf_svd_plugins.fedsvd.callback as callback_module
-
-    trainer = _train_with_checkpoints(tmp_path)
-    model = _as_deepspeed_resumes(tmp_path / "checkpoint-2")
-    initial = read_lora_weights(find_lora_pairs(model))
-    (tmp_path / "checkpoint-2" / "fedsvd_lora_A.safetensors").unlink()
-    with warnings_as_list() as caught:
-        _resume_begin(FedSVDCallback(every_n_steps=2), trainer.args, 2, model)
-    assert not caught  # one process: the Trainer's adapter checkpoint restored A itself
-    monkeypatch.setattr(callback_module, "_under_deepspeed", lambda args: True)
-    with pytest.warns(UserWarning, match=r"step 2 under DeepSpeed.*checkpoint-2/fedsvd_lora_A.safetensors does not "
-                                         r"exist.*the one the model was created with"):
-        _resume_begin(FedSVDCallback(every_n_steps=2), trainer.args, 2, model)
-    (tmp_path / "checkpoint-4" / "fedsvd_lora_A.safetensors").rename(tmp_path / "checkpoint-2" / "fedsvd_lora_A.safetensors")
-    with pytest.warns(UserWarning, match="was written at step 4, not at the resumed step 2"):
-        _resume_begin(FedSVDCallback(every_n_steps=2), trainer.args, 2, model)
-    other_run = _train_with_checkpoints(tmp_path / "other", learning_rate=1e-2)
-    import shutil
-
-    shutil.copy(tmp_path / "other" / "checkpoint-2" / "fedsvd_lora_A.safetensors", tmp_path / "checkpoint-2")
-    with pytest.warns(UserWarning, match="written by another run"):
-        _resume_begin(FedSVDCallback(every_n_steps=2), trainer.args, 2, model)
-    after = read_lora_weights(find_lora_pairs(model))
-    assert all(torch.equal(after[n][0], initial[n][0]) for n in initial)
-    assert other_run.state.global_step == 4
-
-
-def test_resume_reads_training_arguments_resume_from_checkpoint_first(tmp_path):
-    """A checkpoint moved elsewhere is found through ``TrainingArguments.resume_from_checkpoint`` (the only route:
-    the path given to ``train()`` does not reach callbacks); a file that does not fit the model is an error."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    _train_with_checkpoints(tmp_path / "run")
-    moved = tmp_path / "moved"
-    shutil.copytree(tmp_path / "run" / "checkpoint-2", moved)
-    args = _args(tmp_path / "elsewhere", resume_from_checkpoint=str(moved))
-    model = _as_deepspeed_resumes(moved)
-    _resume_begin(FedSVDCallback(every_n_steps=2), args, 2, model)
-    saved = load_file(moved / "fedsvd_lora_A.safetensors")
-    for pair in find_lora_pairs(model):
-        assert torch.equal(pair.A.detach(), saved[f"{pair.name}.lora_A.weight"])
-    save_file({k: v[:2] for k, v in saved.items()}, moved / "fedsvd_lora_A.safetensors", metadata={"global_step": "2"})
-    with pytest.raises(ValueError, match="does not fit the model's LoRA pairs.*wrong shape.*same LoraConfig"):
-        _resume_begin(FedSVDCallback(every_n_steps=2), args, 2, model)
-
-
-def test_load_best_model_at_end_gets_the_best_checkpoints_a(tmp_path):
-    """``load_best_model_at_end`` under DeepSpeed loads the best checkpoint's B but keeps the last A (frozen parameters
-    are not in the checkpoint); on_train_end, which runs after that load, writes the best checkpoint's A back."""
-    from safetensors.torch import load_file
-    from transformers import TrainerControl, TrainerState
-
-    trainer = _train_with_checkpoints(tmp_path)
-    last = read_lora_weights(find_lora_pairs(trainer.model))
-    model = _as_deepspeed_resumes(tmp_path / "checkpoint-2")
-    assign_lora_weights(find_lora_pairs(model), {n: (a, None) for n, (a, _) in last.items()})  # the last A
-    args = _args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
-                 load_best_model_at_end=True)
-    state = TrainerState(global_step=4, best_model_checkpoint=str(tmp_path / "checkpoint-2"), best_global_step=2)
-    FedSVDCallback(every_n_steps=2).on_train_end(args, state, TrainerControl(), model=model)
-    best = load_file(tmp_path / "checkpoint-2" / "fedsvd_lora_A.safetensors")
-    for pair in find_lora_pairs(model):
-        assert not torch.equal(best[f"{pair.name}.lora_A.weight"], last[pair.name][0])
-        assert torch.equal(pair.A.detach(), best[f"{pair.name}.lora_A.weight"])
-
-
-def test_save_full_adapter_equals_peft_save_pretrained(tmp_path):
-    """One process (nothing sharded): the same files as PEFT's own save, frozen A and a modules_to_save head
-    included, loadable with PeftModel.from_pretrained; with a Trainer it also writes what save_model writes."""
-    from peft import PeftModel
-    from safetensors.torch import load_file
-    from tiny import tiny_model
-
-    from hf_svd_plugins.fedsvd import save_full_adapter
-
-    model = tiny_lora_model("bert", r=4)
-    freeze_lora_A(model)
-    refactorize_lora_model(model)
-    model.save_pretrained(tmp_path / "peft")
-    save_full_adapter(model, str(tmp_path / "ours"))
-    want, got = load_file(tmp_path / "peft" / "adapter_model.safetensors"), load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert set(got) == set(want) and any("lora_A" in k for k in got) and any("modules_to_save" in k or "classifier" in k
-                                                                              for k in got)
-    assert all(torch.equal(got[k], want[k]) for k in want)
-    reloaded = PeftModel.from_pretrained(tiny_model("bert"), str(tmp_path / "ours"))
-    ref = read_lora_weights(find_lora_pairs(model))
-    for pair in find_lora_pairs(reloaded):
-        assert torch.equal(pair.A.detach(), ref[pair.name][0])
-    trainer = Trainer(model=model, args=_args(tmp_path / "t"))
-    save_full_adapter(trainer, str(tmp_path / "viatrainer"))
-    assert (tmp_path / "viatrainer" / "training_args.bin").is_file()
-    assert set(load_file(tmp_path / "viatrainer" / "adapter_model.safetensors")) == set(want)
-    with pytest.raises(TypeError, match="a transformers Trainer or a PEFT model"):
-        save_full_adapter("model", str(tmp_path / "x"))

@@ -20,6 +20,19 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from hf_svd_plugins.distributed import broadcast_flag, process_rank
+from hf_svd_plugins.fedsvd.checkpoints import (
+    LORA_A_FILE,
+    checkpoint_mismatch,
+    gather_lora_A,
+    lora_a_key,
+    lora_b_sum_of_squares,
+    new_run_id,
+    read_lora_A_file,
+    recorded_run_id,
+    resume_folders,
+    save_lora_A_file,
+    write_lora_A_file,
+)
 from hf_svd_plugins.fedsvd.core import basis_change, refactorize, transform_moments
 from hf_svd_plugins.lora import (
     LoraPair,
@@ -34,17 +47,13 @@ from hf_svd_plugins.lora import (
     save_full_adapter,
     write_optimizer_state,
 )
+from hf_svd_plugins.lora.saving import gathered_adapter_state_dict, save_adapter_state_dict
 from hf_svd_plugins.trainer_utils import log_to_trainer
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LORA_A_FILE", "OPTIMIZER_STATE_POLICIES", "FedSVDCallback", "freeze_lora_A", "read_lora_A_file",
            "refactorize_lora_model", "reset_optimizer_state", "write_lora_A_file"]
-
-LORA_A_FILE = "fedsvd_lora_A.safetensors"
-"""What :class:`FedSVDCallback` writes into every checkpoint folder: each pair's current ``A (r, d_in)``, keyed
-``<module name>.lora_A.weight``, with the step and adapter name in the safetensors metadata. transformers' DeepSpeed
-checkpoint leaves frozen parameters out, so without it a resume would bring back the initial A."""
 
 
 def freeze_lora_A(model: torch.nn.Module, adapter_name: str | None = None) -> int:  # noqa: N802 - the paper's name
@@ -157,91 +166,6 @@ def _transform_state(
     write_optimizer_state(optimizer, params, new_states)
 
 
-def _lora_a_key(pair: LoraPair) -> str:
-    return f"{pair.name}.lora_A.weight"
-
-
-@torch.no_grad()
-def write_lora_A_file(  # noqa: N802 - the paper's name
-    pairs: Sequence[LoraPair], folder: str, step: int, optimizer: object | None = None, write: bool | None = None
-) -> str | None:
-    """Write every pair's full ``A (r, d_in)`` to ``folder/`` :data:`LORA_A_FILE` (safetensors, the step in its metadata).
-
-    Every rank must call it (ZeRO-3 and FSDP2 gather, in chunks of at most ~4.2M entries); ``write`` (default: rank 0)
-    says which rank writes. Returns the file's path on the writing rank, else None.
-    """
-    write = process_rank() == 0 if write is None else write
-    values: dict[str, torch.Tensor] = {}
-    b_sum_of_squares = 0.0
-    for chunk in _chunks(pairs):
-        weights = read_lora_weights(chunk, optimizer)
-        b_sum_of_squares += sum(float(weights[p.name][1].double().square().sum()) for p in chunk)
-        if write:
-            values.update({_lora_a_key(p): weights[p.name][0].detach().to("cpu").contiguous() for p in chunk})
-    if not write:
-        return None
-    from safetensors.torch import save_file
-
-    path = os.path.join(folder, LORA_A_FILE)
-    metadata = {"format": "pt", "global_step": str(step), "adapter_name": pairs[0].adapter if pairs else "",
-                "lora_B_sum_of_squares": repr(b_sum_of_squares)}
-    save_file(values, path + ".tmp", metadata=metadata)
-    os.replace(path + ".tmp", path)  # a run killed while writing leaves no half-written file under the real name
-    return path
-
-
-def read_lora_A_file(  # noqa: N802
-    folder: str, step: int, b_sum_of_squares: float | None = None
-) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """``({key: A}, "")`` from ``folder/`` :data:`LORA_A_FILE` if it exists and was written at ``step``, else
-    ``(None, why not)``.
-
-    With ``b_sum_of_squares`` (``sum ||B||_F^2`` over the pairs of the model after the checkpoint was loaded), a file
-    whose B had another sum (relative difference above 1e-2; 16-bit rounding stays far below) is refused as written
-    by another run: a stale ``checkpoint-N`` folder with the same step.
-    """
-    path = os.path.join(folder, LORA_A_FILE)
-    if not os.path.isfile(path):
-        return None, f"{path} does not exist"
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-    saved_step, saved_b = metadata.get("global_step"), metadata.get("lora_B_sum_of_squares")
-    if saved_step != str(step):
-        return None, f"{path} was written at step {saved_step}, not at the resumed step {step}"
-    if b_sum_of_squares is not None and saved_b is not None:
-        saved = float(saved_b)
-        if abs(saved - b_sum_of_squares) > 1e-2 * max(abs(saved), abs(b_sum_of_squares), 1e-30):
-            return None, (f"{path} was written by another run (sum of B^2 {saved:.6g} there, {b_sum_of_squares:.6g} "
-                          "in the loaded checkpoint)")
-    return load_file(path), ""
-
-
-def _b_sum_of_squares(pairs: Sequence[LoraPair], optimizer: object | None) -> float:
-    """``sum ||B||_F^2`` over ``pairs`` (read like :func:`write_lora_A_file` does; every rank must call)."""
-    total = 0.0
-    for chunk in _chunks(pairs):
-        weights = read_lora_weights(chunk, optimizer)
-        total += sum(float(weights[p.name][1].double().square().sum()) for p in chunk)
-    return total
-
-
-def _resume_folders(args, state) -> list[str]:
-    """Where the checkpoint being resumed can be: ``TrainingArguments.resume_from_checkpoint`` (set by HF and TRL
-    example scripts; ``Trainer.train(resume_from_checkpoint=...)`` does not reach callbacks), then
-    ``{output_dir}/checkpoint-{global_step}`` (what ``resume_from_checkpoint=True`` picks)."""
-    folders = []
-    hint = getattr(args, "resume_from_checkpoint", None)
-    if isinstance(hint, str) and hint:
-        folders.append(hint)
-    default = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-    if all(os.path.abspath(f) != os.path.abspath(default) for f in folders):
-        folders.append(default)
-    return folders
-
-
 def _under_deepspeed(args) -> bool:
     from accelerate.utils import DistributedType
 
@@ -272,16 +196,30 @@ class FedSVDCallback(TrainerCallback, ExportableState):
         adapter_name: the LoRA adapter (default: the active one).
         reset_optimizer_state: deprecated, use ``optimizer_state``: True is ``"reset"``, False is ``"keep"``.
 
-    State: ``n_refactorizations`` and ``last_step`` are exported with the Trainer state; on resume without
-    ``restore_callback_states_from_checkpoint`` they are derived from ``state.global_step``.
+    State: ``n_refactorizations``, ``last_step`` and ``run_id`` are exported with the Trainer state (so they are in
+    every checkpoint's ``trainer_state.json``); on resume without ``restore_callback_states_from_checkpoint`` the
+    counters are derived from ``state.global_step`` and ``run_id`` is read from the resumed ``state.stateful_callbacks``.
 
-    Checkpoints: ``on_save`` writes every A into the checkpoint folder (:data:`LORA_A_FILE`) and, under ZeRO-3 with a
-    frozen A, rewrites the folder's adapter with the whole adapter (transformers leaves frozen weights out of both its
-    DeepSpeed checkpoint and its ZeRO-3 adapter). On resume, ``on_train_begin`` writes the saved A back (the DeepSpeed
-    checkpoint brought back the initial one), or warns under DeepSpeed if it finds no file for the resumed step;
+    Checkpoints: ``on_save`` writes every A into the checkpoint folder (:data:`LORA_A_FILE`, with ``run_id``: a random
+    id drawn at a fresh start and kept across resumes) and, under ZeRO-3 with a frozen A, rewrites the folder's adapter
+    with the whole adapter (transformers leaves frozen weights out of both its DeepSpeed checkpoint and its ZeRO-3
+    adapter). It writes only into ``{output_dir}/checkpoint-{global_step}`` when that folder's ``trainer_state.json``
+    records this step and run; under ``Trainer.hyperparameter_search`` (per-trial folders callbacks are not told) it
+    writes nothing and warns once. On resume, ``on_train_begin`` writes the saved A back (the DeepSpeed checkpoint
+    brought back the initial one) if the file has the resumed step and run id, or, under DeepSpeed after the first
+    refactorization, warns. It looks in ``TrainingArguments.resume_from_checkpoint``, then
+    ``{output_dir}/checkpoint-{global_step}``: resuming from any other folder, set
+    ``TrainingArguments(resume_from_checkpoint=folder)`` as well as ``train(resume_from_checkpoint=folder)``.
     ``on_train_end`` does the same for ``load_best_model_at_end`` (the best checkpoint's B next to the last A). For
     the final adapter under ZeRO-3 use :func:`~hf_svd_plugins.lora.save_full_adapter` instead of
     ``trainer.save_model``.
+
+    Push to Hub: the Trainer uploads each checkpoint (``_push_from_checkpoint``, in the background) *before* any
+    callback's ``on_save``. With ``push_to_hub`` the callback therefore gathers A (and under ZeRO-3 the adapter) in
+    ``on_step_end``/``on_epoch_end`` once a save is announced (``control.should_save``; with ``save_strategy="best"``
+    at every evaluation), and writes it in ``on_push_begin``, between the Trainer's save and its upload; ``on_save``
+    then writes only what no push wrote. ``Trainer.push_to_hub()`` at the end saves through ``save_model`` (under
+    ZeRO-3 without ``lora_A``; warned once): push the folder written by ``save_full_adapter`` instead.
     """
 
     writes_lora_weights = True  # see hf_svd_plugins.trainer_utils.writes_lora_weights (federations refuse it)
@@ -329,7 +267,11 @@ class FedSVDCallback(TrainerCallback, ExportableState):
         self.adapter_name = adapter_name
         self.n_refactorizations = 0
         self.last_step = -1
+        self.run_id: str | None = None  # set in on_train_begin: new at step 0, the checkpoint's on resume
         self._warned_reset_all = False
+        self._warned_hp_search = False
+        self._gathered_step = -1  # the step whose checkpoint files were gathered before the Trainer's save and push
+        self._for_push: dict | None = None  # those files' contents, on the ranks that write
 
     # ------------------------------------------------------------------ state
 
@@ -342,7 +284,8 @@ class FedSVDCallback(TrainerCallback, ExportableState):
                 "log_top_singular_values": self.log_top_singular_values,
                 "adapter_name": self.adapter_name,
             },
-            "attributes": {"n_refactorizations": self.n_refactorizations, "last_step": self.last_step},
+            "attributes": {"n_refactorizations": self.n_refactorizations, "last_step": self.last_step,
+                           "run_id": self.run_id},
         }
 
     # ------------------------------------------------------------------ events
@@ -352,6 +295,7 @@ class FedSVDCallback(TrainerCallback, ExportableState):
             freeze_lora_A(model, self.adapter_name)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._gathered_step, self._for_push = -1, None  # a callback reused by a second train() starts clean
         if model is None:
             return
         pairs = find_lora_pairs(model, self.adapter_name)
@@ -367,28 +311,60 @@ class FedSVDCallback(TrainerCallback, ExportableState):
                 "the callback in `Trainer(callbacks=[...])`.",
                 stacklevel=2,
             )
+        if args.push_to_hub and process_rank() == 0 and any(is_zero3_param(p.A) and not p.A.requires_grad for p in pairs):
+            warnings.warn(
+                "FedSVDCallback with push_to_hub under ZeRO-3: the checkpoints it pushes get the whole adapter, but "
+                "Trainer.push_to_hub() saves the adapter through save_model, without the frozen lora_A "
+                "(PeftModel.from_pretrained would keep a random A). Push the final adapter saved with "
+                "`save_full_adapter(trainer, d)` instead (rank 0: `huggingface_hub.upload_folder(repo_id=..., "
+                "folder_path=d)`).",
+                stacklevel=2,
+            )
         # Derive the counters from the global step (resume without restored callback state).
         k = self.every_n_steps
         if self.last_step < 0 and state.global_step > 0:
             self.n_refactorizations = state.global_step // k
             self.last_step = (state.global_step // k) * k if state.global_step >= k else -1
-        if state.global_step > 0:  # resumed: transformers has loaded the checkpoint before on_train_begin
-            self._restore_lora_a(args, _resume_folders(args, state), state.global_step, model, kwargs.get("optimizer"),
-                                 pairs, "resuming")
+        if state.global_step == 0:
+            self.run_id = new_run_id()
+            return
+        # resumed: transformers has loaded the checkpoint (and its trainer_state.json into `state`) by now
+        self.run_id = recorded_run_id(state.stateful_callbacks, type(self).__name__, self.adapter_name)
+        self._restore_lora_a(args, resume_folders(args, state), state.global_step, model, kwargs.get("optimizer"),
+                             pairs, "resuming")
+        if self.run_id is None:  # a checkpoint from before run ids: the checkpoints from here on get one
+            self.run_id = new_run_id()
 
     def on_save(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
             return
+        if state.is_hyper_param_search:
+            # the Trainer saved into output_dir/run-<trial>/checkpoint-N; callbacks are not told the trial's folder
+            if not self._warned_hp_search and process_rank() == 0:
+                logger.warning(
+                    "FedSVDCallback: under Trainer.hyperparameter_search the checkpoints go to per-trial folders that "
+                    "callbacks cannot see, so %s is not written into them: a DeepSpeed resume from a trial checkpoint "
+                    "would bring back the initial LoRA A", LORA_A_FILE,
+                )
+            self._warned_hp_search = True
+            return
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if not broadcast_flag(os.path.isdir(folder) if process_rank() == 0 else False):
+        why = ""
+        if process_rank() == 0:
+            why = checkpoint_mismatch(folder, state.global_step, type(self).__name__, self.adapter_name, self.run_id)
+        if broadcast_flag(bool(why)):  # never write into a folder that is not the checkpoint just saved
             if process_rank() == 0:
                 logger.warning(
-                    "FedSVDCallback: checkpoint folder %s not found (hyperparameter search run directory?); LoRA A not "
-                    "saved with it, a DeepSpeed resume from it would bring back the initial A", folder,
+                    "FedSVDCallback: %s is not the checkpoint the Trainer just saved (%s); LoRA A not saved with it, a "
+                    "DeepSpeed resume from that checkpoint would bring back the initial A", folder, why,
                 )
+            self._for_push = None
+            return
+        if self._gathered_step == state.global_step:  # every rank: gathered in on_step_end/on_epoch_end
+            self._write_gathered(args, state, model)  # unless on_push_begin wrote it already
             return
         pairs = find_lora_pairs(model, self.adapter_name)
-        write_lora_A_file(pairs, folder, state.global_step, optimizer, write=bool(args.should_save))
+        write_lora_A_file(pairs, folder, state.global_step, optimizer, write=bool(args.should_save), run_id=self.run_id)
         if any(is_zero3_param(p.A) and not p.A.requires_grad for p in pairs):
             # transformers wrote the checkpoint's adapter from a ZeRO-3 consolidation without frozen weights
             save_full_adapter(model, folder)
@@ -410,17 +386,17 @@ class FedSVDCallback(TrainerCallback, ExportableState):
         """Write the A saved with the checkpoint of ``step`` (the first of ``folders`` that has it) back into the
         model (rank 0 reads; every rank calls), or warn under DeepSpeed."""
         values, reasons, problem = None, [], ""
-        b_sum_of_squares = _b_sum_of_squares(pairs, optimizer)  # B as the checkpoint loader left it
+        b_sum_of_squares = lora_b_sum_of_squares(pairs, optimizer)  # B as the checkpoint loader left it
         if process_rank() == 0:
             for folder in folders:
-                values, why = read_lora_A_file(folder, step, b_sum_of_squares)
+                values, why = read_lora_A_file(folder, step, b_sum_of_squares, self.run_id)
                 if values is not None:
                     break
                 reasons.append(why)
             if values is not None:
-                missing = [_lora_a_key(p) for p in pairs if _lora_a_key(p) not in values]
-                wrong = [_lora_a_key(p) for p in pairs if _lora_a_key(p) in values
-                         and tuple(values[_lora_a_key(p)].shape) != full_shape(p.A)]
+                missing = [lora_a_key(p) for p in pairs if lora_a_key(p) not in values]
+                wrong = [lora_a_key(p) for p in pairs if lora_a_key(p) in values
+                         and tuple(values[lora_a_key(p)].shape) != full_shape(p.A)]
                 if missing or wrong:
                     problem = f"missing {missing[:3]}, wrong shape {wrong[:3]}"
         if broadcast_flag(values is not None):
@@ -430,11 +406,12 @@ class FedSVDCallback(TrainerCallback, ExportableState):
                     f"({problem or 'see rank 0'}): resume with the same LoraConfig (r, target_modules) and adapter_name"
                 )
             assign_lora_weights(
-                pairs, {p.name: (values[_lora_a_key(p)] if values is not None else p.A.new_zeros(full_shape(p.A)), None)
+                pairs, {p.name: (values[lora_a_key(p)] if values is not None else p.A.new_zeros(full_shape(p.A)), None)
                         for p in pairs}, optimizer,
             )
             return
-        if process_rank() == 0 and _under_deepspeed(args) and any(not p.A.requires_grad for p in pairs):
+        refactorized = step >= self.every_n_steps  # before the first refactorization A is the initial A anyway
+        if refactorized and process_rank() == 0 and _under_deepspeed(args) and any(not p.A.requires_grad for p in pairs):
             warnings.warn(
                 f"FedSVDCallback: {event} at step {step} under DeepSpeed, but no {LORA_A_FILE} for that step was "
                 f"found ({'; '.join(reasons)}). transformers' DeepSpeed checkpoint leaves frozen parameters out, so "
@@ -446,8 +423,55 @@ class FedSVDCallback(TrainerCallback, ExportableState):
             )
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if model is None or state.global_step % self.every_n_steps != 0 or state.global_step == self.last_step:
+        if model is None:
             return
+        if state.global_step % self.every_n_steps == 0 and state.global_step != self.last_step:
+            self._refactorize(state, model, optimizer)
+        self._gather_before_push(args, state, control, model, optimizer)
+
+    def on_epoch_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is not None:
+            self._gather_before_push(args, state, control, model, optimizer)
+
+    def on_push_begin(self, args, state, control, model=None, **kwargs):
+        # rank 0 only, inside Trainer._save_checkpoint: the checkpoint is on disk, its upload not started yet
+        self._write_gathered(args, state, model)
+
+    def _gather_before_push(self, args, state, control, model, optimizer) -> None:
+        """With ``push_to_hub`` the Trainer uploads a checkpoint before ``on_save``; ``on_push_begin`` comes first but
+        runs on rank 0 alone (no gather possible), so gather on every rank now, when a save is announced, what
+        ``on_save`` would write (A, and under ZeRO-3 with a frozen A the whole adapter)."""
+        if not args.push_to_hub or args.hub_strategy == "end" or state.is_hyper_param_search:
+            return
+        if self._gathered_step == state.global_step or not (
+            control.should_save or (args.save_strategy == "best" and control.should_evaluate)
+        ):
+            return
+        pairs = find_lora_pairs(model, self.adapter_name)
+        values, b_sum = gather_lora_A(pairs, optimizer, keep=bool(args.should_save))
+        adapter = None
+        if any(is_zero3_param(p.A) and not p.A.requires_grad for p in pairs):
+            adapter = gathered_adapter_state_dict(model)
+        self._gathered_step = state.global_step
+        self._for_push = None if values is None else {
+            "step": state.global_step, "adapter_name": pairs[0].adapter, "a": values, "b_sum": b_sum,
+            "adapter": adapter,
+        }
+
+    def _write_gathered(self, args, state, model) -> None:
+        """Write what :meth:`_gather_before_push` gathered into the checkpoint just saved (this process only)."""
+        pending = self._for_push
+        if pending is None or pending["step"] != state.global_step:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if checkpoint_mismatch(folder, state.global_step, type(self).__name__, self.adapter_name, self.run_id):
+            return  # on_save says why
+        self._for_push = None
+        save_lora_A_file(pending["a"], folder, pending["step"], pending["adapter_name"], pending["b_sum"], self.run_id)
+        if pending["adapter"] is not None:
+            save_adapter_state_dict(model, folder, pending["adapter"])
+
+    def _refactorize(self, state, model, optimizer) -> None:
         pairs = find_lora_pairs(model, self.adapter_name)
         spectrum = refactorize_lora_model(model, optimizer=optimizer, pairs=pairs, optimizer_state=self.optimizer_state)
         if self.optimizer_state == "reset" and not self._warned_reset_all:

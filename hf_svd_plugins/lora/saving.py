@@ -8,6 +8,9 @@ writes the adapter from the gathered values instead, through PEFT's own ``save_p
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable
 
 import torch
@@ -83,4 +86,27 @@ def save_full_adapter(trainer_or_model: object, output_dir: str) -> None:
         trainer_or_model.save_model(output_dir)
     state = gathered_adapter_state_dict(peft_model)
     if state is not None:
-        peft_model.save_pretrained(output_dir, state_dict=state)
+        save_adapter_state_dict(peft_model, output_dir, state)
+
+
+def save_adapter_state_dict(model: nn.Module, output_dir: str, state: dict[str, torch.Tensor]) -> None:
+    """``PeftModel.save_pretrained(output_dir, state_dict=state)`` for ``model`` (a PeftModel, possibly wrapped; ``state``
+    from :func:`gathered_adapter_state_dict`; this process only), written into a temporary folder inside
+    ``output_dir`` and renamed file by file (same filesystem: each rename is atomic), so a reader of ``output_dir`` (a
+    Hub upload in the background) sees each file old or new, never half written. An existing README.md (the model
+    card) is kept."""
+    peft_model = unwrap_peft_model(model)
+    os.makedirs(output_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".adapter-{process_rank()}-{os.getpid()}-", dir=output_dir)
+    try:
+        peft_model.save_pretrained(tmp, state_dict=state)
+        for root, _, files in os.walk(tmp):
+            target_dir = os.path.join(output_dir, os.path.relpath(root, tmp))
+            os.makedirs(target_dir, exist_ok=True)
+            for name in files:
+                target = os.path.join(target_dir, name)
+                if name == "README.md" and os.path.exists(target):
+                    continue
+                os.replace(os.path.join(root, name), target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
