@@ -259,6 +259,12 @@ def _spread(values: list[float], digits: int = 4) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
+def _validation(group: list[dict]) -> str:
+    """Mean ± sd of the validation metric; ``(n of N)`` when some runs did not evaluate it (older runs)."""
+    values = [r["validation"] for r in group if r.get("validation") is not None]
+    return _spread(values) + (f" ({len(values)} of {len(group)})" if len(values) < len(group) else "")
+
+
 def print_search_table(setting: str, search: dict[str, list[dict]], chosen: dict[str, float]) -> None:
     metric, _ = METRIC[setting]
     lrs = sorted({r["lr"] for runs in search.values() for r in runs})
@@ -288,7 +294,7 @@ def print_final_table(setting: str, finals: dict[str, list[dict]]) -> None:
         if group:
             print(f"| {init} | {group[0]['lr']:g} | {len(group)} | {_spread([_window(r, True) for r in group])} | "
                   f"{_spread([_window(r, False) for r in group])} | "
-                  f"{_spread([r['validation'] for r in group if r.get('validation') is not None])} | "
+                  f"{_validation(group)} | "
                   f"{_spread([r['test'] for r in group])} | "
                   f"{statistics.fmean(r['init_seconds'] for r in group):.1f} | "
                   f"{statistics.fmean(r['train_seconds'] for r in group):.0f} |")
@@ -319,7 +325,7 @@ def run_setting(setting: str, args: argparse.Namespace, table_only: bool) -> Non
     finals: dict[str, list[dict]] = {init: [] for init in args.inits}
 
     def tables() -> None:
-        if len(lrs) > 1:
+        if len(lrs) > 1 and any(search.values()):
             print_search_table(setting, search, chosen)
         if any(finals.values()):
             print_final_table(setting, finals)
