@@ -394,6 +394,9 @@ def main() -> None:
     args.steps = {"minilm": args.minilm_steps, "smollm": args.smollm_steps}
     args.batch_size = {"minilm": args.minilm_batch_size, "smollm": args.smollm_batch_size}
     args.lrs = {"minilm": args.minilm_lrs, "smollm": args.smollm_lrs}
+    overlap = sorted(set(args.seeds) & set(args.search_seeds))
+    if overlap and any(len(args.lrs[s]) > 1 for s in args.settings):
+        parser.error(f"--seeds and --search-seeds share {overlap}: final runs must use seeds the lr search did not")
     os.makedirs(args.out, exist_ok=True)
     migrate_unlabelled(args.out)
     for setting in args.settings:
