@@ -1,4 +1,5 @@
-"""EVA's claim over seeds: does EVA fine-tune faster than other LoRA inits? Same data, steps and learning rate.
+"""EVA's claim over seeds: does EVA fine-tune faster than other LoRA inits? Same data and steps, learning rate chosen
+per init on validation.
 
 Inits (LoRA r=8, alpha=16, the same target modules for all):
 
@@ -17,12 +18,20 @@ Settings:
   causal LM on *Hamlet* (``examples.hamlet_text()``) packed into blocks of ``--block`` tokens; the first 80% of the
   blocks train, the next 10% validate, the last 10% test; metric perplexity (exp of the mean token loss).
 
-A seed fixes the head's init, the training order and the EVA batches (the first ``--eva-batches`` batches of a
-seeded shuffle of the training set, labels dropped; every EVA variant reads the same ones). Each run is written to
-``--out`` as one JSON file as it finishes and skipped when the command is run again (resumable); the tables are
-reprinted after each run, and ``--table`` only prints them.
+Protocol, per setting: when its lr grid (``--minilm-lrs``, ``--smollm-lrs``) has more than one value, every init is
+trained at every lr on ``--search-seeds`` and scored on the validation split only (test is not evaluated); each init's
+lr is the one with the best mean validation metric. Final runs train each init at its chosen lr on ``--seeds``
+(disjoint from the search seeds by default) and evaluate validation and test. A one-value grid skips the search.
 
-    nice -n 10 python benchmarks/eva_seeds.py --settings minilm smollm --seeds 0 1 2 3 4
+A seed fixes the head's init, the training order and the EVA batches (the first ``--eva-batches`` batches of a
+seeded shuffle of the training set, labels dropped; every EVA variant reads the same ones). The init is computed
+once per (init, seed) and each lr of the grid trains a fresh copy of it. Each run is written to ``--out`` as one
+JSON file named by setting, init, seed, lr and phase as it finishes, and skipped when the command is run again
+(resumable; a file made with other steps or batch size is refused); the tables are reprinted after each run,
+``--table`` only prints them, ``--export FILE.jsonl`` writes every run to one file.
+
+    nice -n 10 python benchmarks/eva_seeds.py --settings minilm --search-seeds 0 --seeds 1 2 3 4 5
+    nice -n 10 python benchmarks/eva_seeds.py --settings smollm --inits default eva1 eva2 peft_eva --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -138,7 +147,10 @@ def evaluate(model, setting: str, items: list[dict], collator, batch_size: int =
     return correct / total if setting == "minilm" else math.exp(loss_sum / total)
 
 
-def run_one(setting: str, init: str, seed: int, lr: float, args: argparse.Namespace) -> dict:
+def run_group(setting: str, init: str, seed: int, lrs: list[float], phase: str, args: argparse.Namespace):
+    """Build and initialise once, then train a fresh copy of the initialised model at each of ``lrs`` (the init
+    does not depend on the lr, so one EVA/PiSSA run serves the whole grid). ``phase="search"`` evaluates the
+    validation split only; ``"final"`` evaluates validation and test. Yields one result dict per lr."""
     import tempfile
 
     import torch
@@ -152,32 +164,84 @@ def run_one(setting: str, init: str, seed: int, lr: float, args: argparse.Namesp
     start = time.perf_counter()
     decided = initialise(model, init, eva_batches(train, collator, batch_size, args.eva_batches, seed))
     init_seconds = time.perf_counter() - start
-    training = TrainingArguments(
-        tempfile.mkdtemp(prefix=f"hf_svd_seeds_{setting}_{init}_"), per_device_train_batch_size=batch_size,
-        max_steps=args.steps[setting], learning_rate=lr, lr_scheduler_type="constant", logging_steps=args.log_every,
-        report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", seed=seed, weight_decay=0.0,
-    )
-    trainer = Trainer(model=model, args=training, train_dataset=train, data_collator=collator)
-    start = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - start
-    losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
-    return {"setting": setting, "init": init, "seed": seed, "lr": lr, "steps": args.steps[setting],
-            "batch_size": batch_size, "losses": losses,
-            "validation": evaluate(model, setting, val, collator) if args.validation else None,
-            "test": evaluate(model, setting, test, collator), "init_seconds": init_seconds,
-            "train_seconds": train_seconds, "load_before": os.getloadavg()[0], **decided}
+    initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for lr in lrs:
+        model.load_state_dict(initial_state)
+        training = TrainingArguments(
+            tempfile.mkdtemp(prefix=f"hf_svd_seeds_{setting}_{init}_"), per_device_train_batch_size=batch_size,
+            max_steps=args.steps[setting], learning_rate=lr, lr_scheduler_type="constant",
+            logging_steps=args.log_every, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
+            seed=seed, weight_decay=0.0,
+        )
+        trainer = Trainer(model=model, args=training, train_dataset=train, data_collator=collator)
+        load_before = os.getloadavg()[0]
+        start = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - start
+        losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+        yield {"setting": setting, "init": init, "seed": seed, "lr": lr, "phase": phase,
+               "steps": args.steps[setting], "batch_size": batch_size, "losses": losses,
+               "validation": evaluate(model, setting, val, collator),
+               "test": evaluate(model, setting, test, collator) if phase == "final" else None,
+               "init_seconds": init_seconds, "train_seconds": train_seconds, "load_before": load_before, **decided}
+
+
+# ============================================================================================ run files
+
+
+def run_path(out: str, setting: str, init: str, seed: int, lr: float, phase: str) -> str:
+    """One JSON per run; the lr and phase are in the name, so a run at one lr is never read as another's."""
+    prefix = "search-" if phase == "search" else ""
+    return os.path.join(out, f"{prefix}{setting}-{init}-{seed}-lr{lr:g}.json")
+
+
+def migrate_unlabelled(out: str) -> None:
+    """Runs written before the lr was in the file name (``minilm-default-0.json``): rename each to the name its own
+    recorded lr gives (they evaluated test, no validation: final-phase runs)."""
+    for name in sorted(os.listdir(out)):
+        parts = name[: -len(".json")].split("-")
+        if name.endswith(".json") and len(parts) == 3 and parts[0] in METRIC and parts[2].isdigit():
+            run = json.load(open(os.path.join(out, name)))
+            run.setdefault("phase", "final")
+            new = run_path(out, run["setting"], run["init"], run["seed"], run["lr"], "final")
+            if os.path.exists(new):
+                raise FileExistsError(f"{name} and {os.path.basename(new)} both exist in {out}; move one aside")
+            with open(new, "w") as f:
+                json.dump(run, f)
+            os.remove(os.path.join(out, name))
+
+
+def load_run(path: str, args: argparse.Namespace) -> dict | None:
+    """The finished run at ``path``, or None; refuses a run made with other steps or batch size."""
+    if not os.path.exists(path):
+        return None
+    run = json.load(open(path))
+    setting = run["setting"]
+    if (run["steps"], run["batch_size"]) != (args.steps[setting], args.batch_size[setting]):
+        raise ValueError(f"{path} ran {run['steps']} steps at batch {run['batch_size']}, not "
+                         f"{args.steps[setting]} at {args.batch_size[setting]}: pass another --out")
+    return run
+
+
+def choose_lr(runs: list[dict], setting: str) -> float:
+    """The lr with the best mean validation metric over the search seeds (ties: the smaller lr)."""
+    _, higher = METRIC[setting]
+    by_lr: dict[float, list[float]] = {}
+    for run in runs:
+        by_lr.setdefault(run["lr"], []).append(run["validation"])
+    sign = 1.0 if higher else -1.0
+    return max(sorted(by_lr), key=lambda lr: sign * statistics.fmean(by_lr[lr]))
+
+
+def export_jsonl(out: str, path: str) -> None:
+    """Every run file in ``out`` (search and final) as one JSON line each, sorted by file name."""
+    with open(path, "w") as f:
+        for name in sorted(os.listdir(out)):
+            if name.endswith(".json"):
+                f.write(json.dumps({"file": name, **json.load(open(os.path.join(out, name)))}) + "\n")
 
 
 # ============================================================================================ tables
-
-
-def _runs(out: str, setting: str) -> list[dict]:
-    runs = []
-    for name in sorted(os.listdir(out)) if os.path.isdir(out) else []:
-        if name.startswith(setting + "-") and name.endswith(".json"):
-            runs.append(json.load(open(os.path.join(out, name))))
-    return runs
 
 
 def _window(run: dict, first: bool) -> float:
@@ -195,81 +259,150 @@ def _spread(values: list[float], digits: int = 4) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
-def print_tables(out: str, settings: list[str]) -> None:
-    for setting in settings:
-        runs = _runs(out, setting)
-        if not runs:
+def _validation(group: list[dict]) -> str:
+    """Mean ± sd of the validation metric; ``(n of N)`` when some runs did not evaluate it (older runs)."""
+    values = [r["validation"] for r in group if r.get("validation") is not None]
+    return _spread(values) + (f" ({len(values)} of {len(group)})" if len(values) < len(group) else "")
+
+
+def print_search_table(setting: str, search: dict[str, list[dict]], chosen: dict[str, float]) -> None:
+    metric, _ = METRIC[setting]
+    lrs = sorted({r["lr"] for runs in search.values() for r in runs})
+    seeds = sorted({r["seed"] for runs in search.values() for r in runs})
+    print(f"\n## {setting}: lr search, validation {metric} (mean over search seeds {seeds}; test not read); "
+          "* = chosen")
+    print("| init | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |")
+    print("|---|" + "---|" * (len(lrs) + 1))
+    for init, runs in search.items():
+        cells = []
+        for lr in lrs:
+            values = [r["validation"] for r in runs if r["lr"] == lr]
+            mark = " *" if chosen.get(init) == lr else ""
+            cells.append(f"{statistics.fmean(values):.4f}{mark}" if values else "-")
+        print(f"| {init} | " + " | ".join(cells) + (f" | {chosen[init]:g} |" if init in chosen else " | - |"))
+
+
+def print_final_table(setting: str, finals: dict[str, list[dict]]) -> None:
+    metric, higher = METRIC[setting]
+    first = next(r for runs in finals.values() for r in runs)
+    print(f"\n## {setting}: final runs at each init's chosen lr, {first['steps']} steps, batch {first['batch_size']}, "
+          "constant lr, LoRA r=8; mean ± sd over seeds")
+    print(f"| init | lr | seeds | loss, first quarter | loss, last quarter | validation {metric} | test {metric} | "
+          "init s | train s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for init, group in finals.items():
+        if group:
+            print(f"| {init} | {group[0]['lr']:g} | {len(group)} | {_spread([_window(r, True) for r in group])} | "
+                  f"{_spread([_window(r, False) for r in group])} | "
+                  f"{_validation(group)} | "
+                  f"{_spread([r['test'] for r in group])} | "
+                  f"{statistics.fmean(r['init_seconds'] for r in group):.1f} | "
+                  f"{statistics.fmean(r['train_seconds'] for r in group):.0f} |")
+    print(f"\nPaired differences over the seeds both ran (mean ± sd; loss < 0 and {metric} "
+          f"{'> 0' if higher else '< 0'} favour the first):")
+    print(f"| comparison | seeds | first-quarter loss | last-quarter loss | test {metric} |")
+    print("|---|---|---|---|---|")
+    for a, b in [("eva2", "default"), ("eva1", "default"), ("eva2", "eva1"), ("peft_eva", "default"),
+                 ("eva2", "peft_eva"), ("pissa", "default"), ("olora", "default")]:
+        pa, pb = ({r["seed"]: r for r in finals.get(i, [])} for i in (a, b))
+        seeds = sorted(set(pa) & set(pb))
+        if seeds:
+            print(f"| {a} - {b} | {len(seeds)} | "
+                  f"{_spread([_window(pa[s], True) - _window(pb[s], True) for s in seeds])} | "
+                  f"{_spread([_window(pa[s], False) - _window(pb[s], False) for s in seeds])} | "
+                  f"{_spread([pa[s]['test'] - pb[s]['test'] for s in seeds])} |")
+
+
+# ============================================================================================ protocol
+
+
+def run_setting(setting: str, args: argparse.Namespace, table_only: bool) -> None:
+    """Search (each init at each lr of the grid on the search seeds, validation only) unless the grid has one lr,
+    then final runs at each init's chosen lr on ``--seeds`` (validation and test); tables after each run."""
+    lrs = args.lrs[setting]
+    search: dict[str, list[dict]] = {init: [] for init in args.inits}
+    chosen: dict[str, float] = {}
+    finals: dict[str, list[dict]] = {init: [] for init in args.inits}
+
+    def tables() -> None:
+        if len(lrs) > 1 and any(search.values()):
+            print_search_table(setting, search, chosen)
+        if any(finals.values()):
+            print_final_table(setting, finals)
+        print(flush=True)
+
+    def record(path: str, result: dict) -> None:
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f)
+        os.replace(path + ".tmp", path)
+        print(f"{setting} {result['phase']} {result['init']} seed {result['seed']} lr {result['lr']:g}: "
+              f"validation {result['validation']:.4f}"
+              + (f", test {result['test']:.4f}" if result["test"] is not None else "")
+              + f", {result['train_seconds']:.0f} s", flush=True)
+
+    for init in args.inits:
+        if len(lrs) == 1:
+            chosen[init] = lrs[0]
             continue
-        metric, _ = METRIC[setting]
-        first = runs[0]
-        print(f"\n## {setting}: {first['steps']} steps, batch {first['batch_size']}, lr {first['lr']} (constant), "
-              f"LoRA r=8; mean ± sd over seeds")
-        print(f"| init | seeds | loss, first quarter | loss, last quarter | validation {metric} | test {metric} | "
-              f"init s | train s |")
-        print("|---|---|---|---|---|---|---|---|")
-        by_init = {i: sorted((r for r in runs if r["init"] == i), key=lambda r: r["seed"]) for i in INITS}
-        for init, group in by_init.items():
-            if group:
-                print(f"| {init} | {len(group)} | {_spread([_window(r, True) for r in group])} | "
-                      f"{_spread([_window(r, False) for r in group])} | "
-                      f"{_spread([r['validation'] for r in group if r['validation'] is not None])} | {_spread([r['test'] for r in group])} | "
-                      f"{statistics.fmean(r['init_seconds'] for r in group):.1f} | "
-                      f"{statistics.fmean(r['train_seconds'] for r in group):.0f} |")
-        print(f"\nPaired differences over the seeds both ran (mean ± sd; loss < 0 and {metric} "
-              f"{'> 0' if METRIC[setting][1] else '< 0'} favour the first):")
-        print(f"| comparison | seeds | first-quarter loss | last-quarter loss | test {metric} |")
-        print("|---|---|---|---|---|")
-        for a, b in [("eva2", "default"), ("eva1", "default"), ("eva2", "eva1"), ("peft_eva", "default"),
-                     ("eva2", "peft_eva"), ("pissa", "default"), ("olora", "default")]:
-            pa, pb = {r["seed"]: r for r in by_init[a]}, {r["seed"]: r for r in by_init[b]}
-            seeds = sorted(set(pa) & set(pb))
-            if seeds:
-                print(f"| {a} - {b} | {len(seeds)} | "
-                      f"{_spread([_window(pa[s], True) - _window(pb[s], True) for s in seeds])} | "
-                      f"{_spread([_window(pa[s], False) - _window(pb[s], False) for s in seeds])} | "
-                      f"{_spread([pa[s]['test'] - pb[s]['test'] for s in seeds])} |")
-    print(flush=True)
+        for seed in args.search_seeds:
+            paths = {lr: run_path(args.out, setting, init, seed, lr, "search") for lr in lrs}
+            todo = [lr for lr in lrs if load_run(paths[lr], args) is None]
+            if todo and not table_only:
+                for result in run_group(setting, init, seed, todo, "search", args):
+                    record(paths[result["lr"]], result)
+            search[init] += [run for run in (load_run(paths[lr], args) for lr in lrs) if run is not None]
+        if len(search[init]) == len(lrs) * len(args.search_seeds):
+            chosen[init] = choose_lr(search[init], setting)
+        if not table_only:
+            tables()
+    for seed in args.seeds:  # seeds outer: every init gets its first final seeds first
+        for init in chosen:
+            path = run_path(args.out, setting, init, seed, chosen[init], "final")
+            run = load_run(path, args)
+            if run is None and not table_only:
+                run = next(run_group(setting, init, seed, [chosen[init]], "final", args))
+                record(path, run)
+                finals[init].append(run)
+                tables()
+            elif run is not None:
+                finals[init].append(run)
+    tables()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=["minilm", "smollm"], choices=sorted(METRIC))
     parser.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5], help="seeds of the final runs")
+    parser.add_argument("--search-seeds", nargs="+", type=int, default=[0], help="seeds of the lr search")
     parser.add_argument("--minilm-steps", type=int, default=60)
     parser.add_argument("--smollm-steps", type=int, default=20)
     parser.add_argument("--minilm-batch-size", type=int, default=16)
     parser.add_argument("--smollm-batch-size", type=int, default=4)
-    parser.add_argument("--minilm-lr", type=float, default=1e-3)
-    parser.add_argument("--smollm-lr", type=float, default=3e-4)
+    parser.add_argument("--minilm-lrs", nargs="+", type=float, default=[3e-4, 1e-3, 3e-3],
+                        help="lr grid; one value skips the search")
+    parser.add_argument("--smollm-lrs", nargs="+", type=float, default=[3e-4])
     parser.add_argument("--block", type=int, default=64, help="tokens per packed block (smollm)")
     parser.add_argument("--eva-batches", type=int, default=16, help="batches EVA may read (it stops earlier once settled)")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--log-every", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=os.path.join(os.path.expanduser("~"), ".cache", "hf_svd_plugins", "bench-eva-seeds"))
-    parser.add_argument("--validation", action="store_true", help="also evaluate on the validation split")
     parser.add_argument("--table", action="store_true", help="only print the tables of finished runs")
+    parser.add_argument("--export", help="also write every run in --out to this JSONL file")
     args = parser.parse_args()
     args.steps = {"minilm": args.minilm_steps, "smollm": args.smollm_steps}
     args.batch_size = {"minilm": args.minilm_batch_size, "smollm": args.smollm_batch_size}
-    lrs = {"minilm": args.minilm_lr, "smollm": args.smollm_lr}
+    args.lrs = {"minilm": args.minilm_lrs, "smollm": args.smollm_lrs}
+    overlap = sorted(set(args.seeds) & set(args.search_seeds))
+    if overlap and any(len(args.lrs[s]) > 1 for s in args.settings):
+        parser.error(f"--seeds and --search-seeds share {overlap}: final runs must use seeds the lr search did not")
     os.makedirs(args.out, exist_ok=True)
-    if not args.table:
-        for seed in args.seeds:  # seeds outermost: every setting and init gets its first seeds first
-            for setting in args.settings:
-                for init in args.inits:
-                    path = os.path.join(args.out, f"{setting}-{init}-{seed}.json")
-                    if os.path.exists(path):
-                        continue
-                    result = run_one(setting, init, seed, lrs[setting], args)
-                    with open(path + ".tmp", "w") as f:
-                        json.dump(result, f)
-                    os.replace(path + ".tmp", path)
-                    print(f"{setting} {init} seed {seed}: test {result['test']:.4f}, "
-                          f"{result['train_seconds']:.0f} s", flush=True)
-                    print_tables(args.out, args.settings)
-    print_tables(args.out, args.settings)
+    migrate_unlabelled(args.out)
+    for setting in args.settings:
+        run_setting(setting, args, args.table)
+    if args.export:
+        export_jsonl(args.out, args.export)
 
 
 if __name__ == "__main__":

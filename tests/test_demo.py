@@ -77,3 +77,46 @@ def test_demo_verb_is_registered_with_help(capsys):
         main(["demo", "--help"])
     assert exc.value.code == 0
     assert "--methods" in capsys.readouterr().out
+
+
+def test_eva_step_cites_what_the_benchmark_measured_and_runs_its_setting():
+    """The demo's EVA numbers are recomputed here from the benchmark's committed runs (search on validation, final
+    runs on other seeds), independently of benchmarks/eva_seeds.py's tables."""
+    import json
+    import statistics
+
+    from hf_svd_plugins.demo.eva import BENCHMARK, benchmark_note
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results",
+                        "eva_seeds.jsonl")
+    runs = [r for r in map(json.loads, open(path)) if r["setting"] == "minilm"]
+    names = {"eva": "eva2", "default": "default"}
+    search_seeds = {r["seed"] for r in runs if r["phase"] == "search"}
+    finals = {}
+    for demo_name, init in names.items():
+        by_lr: dict[float, list[float]] = {}
+        for r in runs:
+            if r["init"] == init and r["phase"] == "search":
+                by_lr.setdefault(r["lr"], []).append(r["validation"])
+        best = max(sorted(by_lr), key=lambda lr: statistics.fmean(by_lr[lr]))
+        assert BENCHMARK["lr"][demo_name] == best
+        finals[init] = {r["seed"]: r for r in runs if r["init"] == init and r["phase"] == "final"
+                        and r["lr"] == best and r["seed"] not in search_seeds}
+    seeds = sorted(set(finals["eva2"]) & set(finals["default"]))
+    assert BENCHMARK["seeds"] == len(seeds) >= 3
+    assert {r["steps"] for r in runs} == {BENCHMARK["steps"]}
+
+    def window(run, first):
+        steps = run["steps"]
+        return statistics.fmean(loss for step, loss in run["losses"]
+                                if (step <= steps / 4 if first else step > 3 * steps / 4))
+
+    measured = {
+        "test_accuracy": [finals["eva2"][s]["test"] - finals["default"][s]["test"] for s in seeds],
+        "first_quarter_loss": [window(finals["eva2"][s], True) - window(finals["default"][s], True) for s in seeds],
+        "last_quarter_loss": [window(finals["eva2"][s], False) - window(finals["default"][s], False) for s in seeds],
+    }
+    for key, values in measured.items():
+        assert BENCHMARK[key] == pytest.approx((statistics.fmean(values), statistics.stdev(values)), abs=6e-5), key
+    note = benchmark_note()
+    assert note.startswith("from the benchmark, not this run") and f"{len(seeds)} seeds" in note
