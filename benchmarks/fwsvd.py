@@ -32,6 +32,7 @@ import warnings
 import torch
 
 from hf_svd_plugins import FisherCallback, fwsvd_compress
+from hf_svd_plugins.examples import classifier_accuracy
 from hf_svd_plugins.fwsvd import estimate_fisher
 
 METHODS = ("svd", "fisher", "whiten")
@@ -152,19 +153,6 @@ def minilm_finetuned(args, train, tokenizer):
     return merged, fisher_cb.fisher, seconds
 
 
-@torch.no_grad()
-def accuracy(model, dataset, tokenizer, batch_size=128) -> float:
-    from transformers import DataCollatorWithPadding
-
-    collate = DataCollatorWithPadding(tokenizer)
-    correct = 0
-    for i in range(0, len(dataset), batch_size):
-        batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
-        labels = batch.pop("labels")
-        correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-    return correct / len(dataset)
-
-
 def part_minilm(args, results: Results) -> None:
     from transformers import DataCollatorWithPadding
 
@@ -176,7 +164,7 @@ def part_minilm(args, results: Results) -> None:
                    for i in range(args.minilm_calibration_batches)]
     if not results.has("minilm/dense"):
         results.add("minilm/dense", {"part": "minilm", "method": "dense", "allocation": "-", "target_share": 1.0,
-                                     "model_share": 1.0, "accuracy": accuracy(model, test, tokenizer),
+                                     "model_share": 1.0, "accuracy": classifier_accuracy(model, test, tokenizer),
                                      "train_seconds": train_seconds})
     for ratio in args.minilm_ratios:
         for allocation in args.allocations:
@@ -190,7 +178,7 @@ def part_minilm(args, results: Results) -> None:
                                         calibration=calibration if method == "whiten" else None, progress=False,
                                         **size)
                 results.add(key, size_row(report, part="minilm", method=method, allocation=allocation, ratio=ratio,
-                                          accuracy=accuracy(compressed, test, tokenizer)))
+                                          accuracy=classifier_accuracy(compressed, test, tokenizer)))
 
 
 def _size(args, model, method, fisher, calibration, ratio, allocation) -> dict:

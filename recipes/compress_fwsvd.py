@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
 
     from hf_svd_plugins import FisherCallback, fwsvd_compress
-    from hf_svd_plugins.examples import TokenizedClassification
+    from hf_svd_plugins.examples import TokenizedClassification, classifier_accuracy
     from hf_svd_plugins.fedsvd import accuracy_metrics
 
     train, test = common.load_labelled(args.dataset, args.text_column, args.label_column, args.seed, args.limit)
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         compressed = report.model.eval()
         compressed.save_pretrained(final)
         tokenizer.save_pretrained(final)
-        result["compressed_accuracy"] = _accuracy(compressed, test_set, collate)
+        result["compressed_accuracy"] = classifier_accuracy(compressed, test_set, tokenizer, batch_size=64)
         result["model_share"] = report.model_share
         reloaded = AutoModelForSequenceClassification.from_pretrained(final).eval()
         batch = collate([test_set[i] for i in range(min(8, len(test_set)))])
@@ -103,18 +103,6 @@ def main(argv: list[str] | None = None) -> dict:
               "reloaded with from_pretrained: same logits", flush=True)
     common.saved("the compressed model", final)
     return result
-
-
-def _accuracy(model, dataset, collate, batch_size: int = 64) -> float:
-    import torch
-
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            labels = batch.pop("labels")
-            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-    return correct / max(len(dataset), 1)
 
 
 if __name__ == "__main__":

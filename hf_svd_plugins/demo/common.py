@@ -139,20 +139,4 @@ def rotten_tomatoes_tokenized(tokenizer, seed: int, max_length: int, train_size:
                  TokenizedClassification(cut(test, test_size), tokenizer, max_length), tokenizer)
 
 
-def classifier_accuracy(model, dataset, tokenizer, batch_size: int = 128) -> float:
-    """Accuracy of ``argmax(logits)`` on a tokenized classification dataset (eval mode, no gradients)."""
-    import torch
-    from transformers import DataCollatorWithPadding
-
-    collate = DataCollatorWithPadding(tokenizer)
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(dataset), batch_size):
-            batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
-            labels = batch.pop("labels")
-            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-    return correct / len(dataset)
-
-
 PROBE_SENTENCES = ["a warm, funny, engaging film", "a dull and tedious mess", "neither good nor bad, just long"]

@@ -14,12 +14,12 @@ from hf_svd_plugins.demo.common import (
     DemoContext,
     StepResult,
     bar_callback,
-    classifier_accuracy,
     fmt,
     pyplot,
     rotten_tomatoes_tokenized,
     save_figure,
 )
+from hf_svd_plugins.examples import classifier_accuracy
 
 TITLE = "FWSVD: the fine-tuned MiniLM classifier at 50% of its encoder Linear weights (svd / fisher / whiten)"
 METHODS = ("svd", "fisher", "whiten")

@@ -24,6 +24,7 @@ from .assets import (  # noqa: F401
 from .classifiers import (  # noqa: F401
     MINILM_LORA_TARGETS,
     FinetuneResult,
+    classifier_accuracy,
     digits_mlp,
     digits_splits,
     finetune_sentiment,

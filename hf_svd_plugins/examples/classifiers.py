@@ -122,6 +122,22 @@ def finetune_sentiment(init: str = "eva", steps: int = 150, r: int = 8, batch_si
     return FinetuneResult(init, losses, accuracy, seconds, trainer)
 
 
+def classifier_accuracy(model, dataset, tokenizer, batch_size: int = 128) -> float:
+    """Accuracy of ``argmax(logits)`` on a tokenized classification dataset (eval mode, no gradients)."""
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    collate = DataCollatorWithPadding(tokenizer)
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(dataset), batch_size):
+            batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+            labels = batch.pop("labels")
+            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+    return correct / max(len(dataset), 1)
+
+
 def digits_splits():
     """scikit-learn's packaged 8x8 digits as float tensors: ``((x_train, y_train), (x_test, y_test))``, 1,437 / 360
     in a fixed shuffled order, pixels standardised with the training split's mean and std."""
