@@ -318,6 +318,26 @@ def test_callback_logs_do_not_swallow_the_trainers_loss_log(tmp_path):
     assert [h["step"] for h in trainer.state.log_history if "fedsvd/refactorizations" in h] == [2, 4]
 
 
+def test_a_callback_reused_for_a_second_train_starts_its_schedule_again(tmp_path):
+    """The same FedSVDCallback in a second train() from step 0 (e.g. hyperparameter-search trials): it refactorizes
+    at steps 2 and 4 again and counts from 0, instead of skipping the previous run's last step."""
+    callback = FedSVDCallback(every_n_steps=2)
+    logged = []
+    for run in range(2):
+        trainer = Trainer(
+            model=tiny_lora_model("llama", r=4),
+            args=_args(tmp_path / str(run), max_steps=4, logging_steps=1),
+            train_dataset=TinyTokenDataset(n=32),
+            data_collator=pad_collate,
+            callbacks=[callback],
+        )
+        trainer.train()
+        logged.append([(h["step"], h["fedsvd/refactorizations"]) for h in trainer.state.log_history
+                       if "fedsvd/refactorizations" in h])
+    assert logged == [[(2, 1.0), (4, 2.0)], [(2, 1.0), (4, 2.0)]]
+    assert callback.n_refactorizations == 2 and callback.last_step == 4
+
+
 def test_refactorize_in_chunks_equals_all_at_once(monkeypatch):
     """Pairs are gathered and refactorized in bounded chunks; one pair per chunk gives the same weights."""
     import hf_svd_plugins.fedsvd.callback as callback

@@ -320,11 +320,11 @@ class FedSVDCallback(TrainerCallback, ExportableState):
                 "folder_path=d)`).",
                 stacklevel=2,
             )
-        # Derive the counters from the global step (resume without restored callback state).
+        # The counters follow from the global step (the schedule is `step % k == 0`): this equals restored callback
+        # state, and a callback reused for another train() does not carry the previous run's counters.
         k = self.every_n_steps
-        if self.last_step < 0 and state.global_step > 0:
-            self.n_refactorizations = state.global_step // k
-            self.last_step = (state.global_step // k) * k if state.global_step >= k else -1
+        self.n_refactorizations = state.global_step // k
+        self.last_step = (state.global_step // k) * k if state.global_step >= k else -1
         if state.global_step == 0:
             self.run_id = new_run_id()
             return
